@@ -1,0 +1,72 @@
+"""Causal depthwise conv1d that honours document boundaries, and its single-step twin.
+
+Shapes follow causal-conv1d:
+    x: (batch, dim, seqlen); weight: (dim, width); bias: (dim,); seq_idx: (batch, seqlen)
+    conv_state: (batch, dim, width - 1), the last width-1 inputs, oldest first.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._kernels import load_kernels
+
+
+def _activate(x, activation):
+    if activation in (None, "identity"):
+        return x
+    if activation in ("silu", "swish"):
+        return F.silu(x)
+    raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+
+
+def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, initial_states=None, activation="silu"):
+    """y_t = act(bias + sum_j weight[:, -1-j] * x_{t-j}), where x_{t-j} counts only if it lies in the
+    same document as x_t (else it is a zero, exactly as at the start of a sequence).
+
+    `initial_states` (batch, dim, width-1) stand in front of x (continuing a cached sequence).
+    Runs on any device: this is also the CUDA path when causal-conv1d is not installed.
+    """
+    width, seqlen = weight.shape[1], x.shape[-1]
+    if initial_states is not None:
+        x = torch.cat([initial_states.to(x.dtype), x], dim=-1)
+        if seq_idx is not None:
+            seq_idx = F.pad(seq_idx, (width - 1, 0), value=0)
+            seq_idx[:, : width - 1] = seq_idx[:, width - 1 : width]
+    out = x * weight[:, -1:]
+    for j in range(1, width):
+        shifted = F.pad(x, (j, 0))[..., : x.shape[-1]]
+        if seq_idx is not None:
+            same_doc = F.pad(seq_idx, (j, 0), value=-1)[..., : x.shape[-1]] == seq_idx
+            shifted = shifted * same_doc[:, None, :].to(x.dtype)
+        out = out + shifted * weight[:, -1 - j : weight.shape[1] - j]
+    if bias is not None:
+        out = out + bias[:, None]
+    return _activate(out[..., -seqlen:], activation)
+
+
+def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation="silu"):
+    """One step. x: (batch, dim); conv_state (batch, dim, width-1) is shifted in place."""
+    window = torch.cat([conv_state, x[..., None].to(conv_state.dtype)], dim=-1)  # (b, d, width)
+    conv_state.copy_(window[..., 1:])
+    out = (window.to(weight.dtype) * weight).sum(dim=-1)
+    if bias is not None:
+        out = out + bias
+    return _activate(out, activation).to(x.dtype)
+
+
+def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, activation="silu", backend="reference"):
+    """causal-conv1d's CUDA kernel when installed (and no initial state is given), else the reference."""
+    kernels = load_kernels() if backend == "cuda" else None
+    if kernels is not None and kernels.conv1d is not None and initial_states is None:
+        # the kernel wants channel-last memory when given seq_idx: (b, l, d) viewed as (b, d, l)
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        seq_idx = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+        return kernels.conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)
+    return causal_conv1d_ref(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states, activation=activation)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu", backend="reference"):
+    kernels = load_kernels() if backend == "cuda" else None
+    if kernels is not None and kernels.conv1d_update is not None:
+        return kernels.conv1d_update(x, conv_state, weight, bias, activation)
+    return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
