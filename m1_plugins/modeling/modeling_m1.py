@@ -23,6 +23,17 @@ from .configuration_m1 import M1Config
 from .packing import attention_bias, position_ids_from_seq_idx, seq_idx_from_cu_seqlens, seq_idx_from_position_ids
 
 
+def init_ssm_parameters(config: M1Config, generator=None) -> dict[str, torch.Tensor]:
+    """Standard Mamba-2 init of the per-head parameters: dt log-uniform in [dt_min, dt_max] (stored as
+    softplus^-1 in dt_bias), A uniform in [1, 16] (stored as log), D = 1."""
+    n, c = config.mamba_n_heads, config
+    u = torch.rand(n, generator=generator)
+    dt = torch.exp(u * (math.log(c.mamba_dt_max) - math.log(c.mamba_dt_min)) + math.log(c.mamba_dt_min))
+    dt = dt.clamp(min=c.mamba_dt_init_floor)
+    A = torch.empty(n).uniform_(1, 16, generator=generator)
+    return {"dt_bias": dt + torch.log(-torch.expm1(-dt)), "A_log": torch.log(A), "D": torch.ones(n)}
+
+
 class M1RMSNormGated(nn.Module):
     """norm(y * silu(z)) per group of `group_size` channels (see `ops.norm`)."""
 
@@ -64,13 +75,8 @@ class M1Mamba2Mixer(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self):
-        """Standard Mamba-2 init: dt log-uniform in [dt_min, dt_max] (stored as softplus^-1), A in [1, 16]."""
-        c = self.config
-        dt = torch.exp(torch.rand(self.n_heads) * (math.log(c.mamba_dt_max) - math.log(c.mamba_dt_min)) + math.log(c.mamba_dt_min))
-        dt = dt.clamp(min=c.mamba_dt_init_floor)
-        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
-        init.copy_(self.A_log, torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
-        init.ones_(self.D)
+        for name, value in init_ssm_parameters(self.config).items():
+            init.copy_(getattr(self, name), value)
 
     def forward(self, hidden_states, seq_idx=None, token_mask=None, cache: M1HybridCache | None = None):
         """hidden_states: (batch, seqlen, hidden); token_mask: (batch, seqlen), 0 at padding."""

@@ -1,0 +1,27 @@
+"""Small helpers shared by the command-line tools."""
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir, overwrite: bool = False):
+    """Yield a temporary directory next to `out_dir`; move it into place only if the block succeeds.
+
+    A crash (or Ctrl-C) never leaves a half-written `out_dir`. An existing `out_dir` is refused unless
+    `overwrite`, and is replaced only after the new one is complete.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose another path or pass --overwrite to replace it.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
