@@ -15,6 +15,8 @@ stays close to one copy of the model.
 
 import logging
 import re
+import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -192,3 +194,37 @@ def conversion_summary(teacher_model, hybrid: M1ForCausalLM) -> dict:
         "teacher_kv_bytes_per_token": teacher_kv,
         **state_bytes_per_token(c),
     }
+
+
+def convert_hybrid_dir(teacher_dir, out_dir, attn_layers=None, num_attn_layers=None, layout="m1", xb_expansion="repeat",
+                       d_state=None, dtype=torch.float32, seed=0, overwrite=False) -> dict:
+    """Convert the checkpoint in `teacher_dir` and write the hybrid (+ tokenizer) to `out_dir` atomically.
+    Returns `conversion_summary` plus the time taken."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .utils import atomic_output_dir
+
+    start = time.perf_counter()
+    teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    if teacher_config.model_type == M1Config.model_type:
+        raise ValueError(f"{teacher_dir} is already an M1 hybrid; pass the Transformer it came from as --teacher.")
+    convert_config(teacher_config, [], layout, xb_expansion)  # fail fast on the model type, before loading weights
+    if (attn_layers is None) == (num_attn_layers is None):
+        raise ValueError("Give exactly one of --attn-layers (e.g. 3,8,13,18,23,27) or --num-attn-layers N.")
+    if attn_layers is None:
+        attn_layers = spaced_attn_layers(teacher_config.num_hidden_layers, num_attn_layers)
+    mixer_options = {} if d_state is None else {"mamba_d_state": d_state}
+    if (Path(out_dir).exists() and not overwrite):
+        raise FileExistsError(f"{out_dir} already exists; choose another path or pass --overwrite to replace it.")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher_parameters = teacher.num_parameters()
+    hybrid = convert_to_hybrid(teacher, attn_layers, layout, xb_expansion, seed=seed, share_weights=True, **mixer_options)
+    summary = conversion_summary(teacher, hybrid) | {"teacher_parameters": teacher_parameters}
+    del teacher
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        hybrid.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    summary["seconds"] = time.perf_counter() - start
+    logger.info("wrote the hybrid to %s", out_dir)
+    return summary
