@@ -217,14 +217,19 @@ def convert_hybrid_dir(teacher_dir, out_dir, attn_layers=None, num_attn_layers=N
     if (Path(out_dir).exists() and not overwrite):
         raise FileExistsError(f"{out_dir} already exists; choose another path or pass --overwrite to replace it.")
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    tokenizer = None
+    if (Path(teacher_dir) / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    else:
+        logger.warning("%s has no tokenizer; the hybrid is written without one (copy it over before training).", teacher_dir)
     teacher_parameters = teacher.num_parameters()
     hybrid = convert_to_hybrid(teacher, attn_layers, layout, xb_expansion, seed=seed, share_weights=True, **mixer_options)
     summary = conversion_summary(teacher, hybrid) | {"teacher_parameters": teacher_parameters}
     del teacher
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         hybrid.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     summary["seconds"] = time.perf_counter() - start
     logger.info("wrote the hybrid to %s", out_dir)
     return summary
