@@ -50,6 +50,7 @@ def main():
         teacher = teacher.to_empty(device="cpu")
         for p in teacher.parameters():
             torch.nn.init.normal_(p, std=0.02)
+        teacher.tie_weights()  # to_empty gave lm_head its own tensor
         teacher.save_pretrained(teacher_dir)
         del teacher
     with torch.device("meta"):

@@ -80,6 +80,16 @@ class M1Config(LlamaConfig):
             self.mamba_n_groups = self.mamba_d_inner // self.mamba_head_dim
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"This checkpoint is model_type={model_type!r}, not an M1 hybrid ({cls.model_type!r}). Load it with its own "
+                "class, or turn a Llama checkpoint into a hybrid first: m1 convert --teacher DIR --out DIR"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def mamba_d_inner(self) -> int:
         return self.mamba_expand * self.hidden_size

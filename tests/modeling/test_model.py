@@ -115,21 +115,21 @@ def test_loss_and_logits_to_keep(make_model):
 
 @pytest.mark.parametrize("layout", ["m1", "head-aligned"])
 def test_greedy_generate_equals_stepwise_argmax(make_model, layout):
-    model = make_model(layout, dtype=torch.float64)
+    model = make_model(layout, dtype=torch.float64, mamba_state_dtype="model")  # fp64 SSM state too
     prompt = torch.randint(1, 96, (1, 5))
     out = model.generate(prompt, max_new_tokens=10, do_sample=False, output_scores=True, return_dict_in_generate=True)
     ids = prompt
     for step in range(10):
         with torch.no_grad():
             logits = model(ids, use_cache=False).logits[:, -1]
-        torch.testing.assert_close(out.scores[step], logits, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(out.scores[step], logits.float(), rtol=1e-6, atol=1e-6)  # generate emits fp32
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=-1)
     assert torch.equal(out.sequences, ids)
     assert len(set(ids[0, 5:].tolist())) > 1  # not a degenerate repetition
 
 
 def test_batched_left_padded_generate_equals_one_prompt_at_a_time(make_model):
-    model = make_model("m1", dtype=torch.float64)
+    model = make_model("m1", dtype=torch.float64, mamba_state_dtype="model")
     prompts = [[5], [7, 8, 9], [10, 31, 12, 43, 14, 55, 16, 77, 18]]
     width, new = 9, 7
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
@@ -142,7 +142,7 @@ def test_batched_left_padded_generate_equals_one_prompt_at_a_time(make_model):
                                 output_scores=True, return_dict_in_generate=True)
         assert torch.equal(batched.sequences[row, width:], single.sequences[0, len(p):]), row
         for s_b, s_1 in zip(batched.scores, single.scores):
-            torch.testing.assert_close(s_b[row], s_1[0], rtol=1e-8, atol=1e-8)
+            torch.testing.assert_close(s_b[row], s_1[0], rtol=1e-6, atol=1e-6)
 
 
 def test_left_padded_forward_equals_unpadded(make_model):
@@ -159,24 +159,29 @@ def test_left_padded_forward_equals_unpadded(make_model):
 
 # --- the hybrid cache ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layout", ["m1", "head-aligned", "m1-xb2"])
-def test_cache_incremental_decoding_equals_full_forward(make_model, layout):
-    """Prefill, single steps, a multi-token continuation chunk, more single steps: logits at every position
-    equal those of one full forward."""
-    model = make_model(layout, attn_layers=[0, 2])
-    ids = torch.randint(1, 96, (2, 17))
+def decode_in_pieces(model, ids, pieces):
+    """Logits of `ids` fed through one M1HybridCache in pieces of the given lengths."""
+    cache = M1HybridCache(model.config, ids.shape[0], torch.float32, torch.device("cpu"))
+    out_logits, pos = [], 0
     with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        cache = M1HybridCache(model.config, 2, torch.float32, torch.device("cpu"))
-        pieces, pos = [], 0
-        for n in (5, 1, 1, 1, 6, 1, 1, 1):
+        for n in pieces:
             out = model(ids[:, pos : pos + n], past_key_values=cache, use_cache=True)
             assert out.past_key_values is cache
-            pieces.append(out.logits)
+            out_logits.append(out.logits)
             pos += n
             assert cache.get_seq_length() == pos and cache.has_previous_state
-    assert pos == 17
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+    return torch.cat(out_logits, dim=1), cache
+
+
+@pytest.mark.parametrize("layout", ["m1", "head-aligned", "m1-xb2"])
+def test_cache_incremental_decoding_equals_full_forward(make_model, layout):
+    """Prefill, then one token at a time: logits at every position equal those of one full forward."""
+    model = make_model(layout, attn_layers=[0, 2])
+    ids = torch.randint(1, 96, (2, 13))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    logits, cache = decode_in_pieces(model, ids, [5] + [1] * 8)
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
     # state tensors have the documented shapes and dtypes
     shapes = state_shapes(model.config, batch_size=2)
     for i, kind in enumerate(model.config.layers_block_type):
@@ -185,7 +190,32 @@ def test_cache_incremental_decoding_equals_full_forward(make_model, layout):
             assert tuple(cache.ssm_states[i].shape) == shapes["ssm"] and cache.ssm_states[i].dtype == torch.float32
         else:
             kv = shapes["kv"]
-            assert cache.key_cache[i].shape == (2, kv[1], 17, kv[3])
+            assert cache.key_cache[i].shape == (2, kv[1], 13, kv[3])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG modeling_m1.py:104-110: in the cached multi-token path `conv_init` aliases cache.conv_states[layer], which "
+    "is overwritten by copy_() (line 109) before causal_conv1d reads it as initial_states (line 110), so the "
+    "chunk's conv sees its own last inputs instead of the previous ones"))
+@pytest.mark.parametrize("pieces", [[5, 6, 6], [5, 1, 1, 1, 6, 1, 1, 1]], ids=["chunks", "steps-then-chunk"])
+def test_cache_multi_token_continuation_equals_full_forward(make_model, pieces):
+    """A cached forward of several new tokens (prefill continuation, speculative/chunked prefill) == full forward."""
+    model = make_model("m1", attn_layers=[0, 2])
+    ids = torch.randint(1, 96, (2, 17))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    logits, _ = decode_in_pieces(model, ids, pieces)
+    torch.testing.assert_close(logits, full[:, : sum(pieces)], rtol=1e-4, atol=1e-4)
+
+
+def test_cache_multi_token_continuation_attention_only(make_model):
+    """The same continuation with only attention layers works (the bug above is in the Mamba conv state)."""
+    model = make_model("m1", attn_layers=[0, 1, 2, 3])
+    ids = torch.randint(1, 96, (2, 17))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    logits, _ = decode_in_pieces(model, ids, [5, 6, 1, 5])
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
 
 
 def test_cache_default_created_by_forward_and_reorder(make_model):
