@@ -1,0 +1,95 @@
+"""Token-level distillation losses (M1 stage 1: reverse KL), bounded in memory.
+
+KL is computed per token over the full vocabulary, in fp32, and summed over unmasked tokens; the sum is
+divided by `normalizer` (default: the number of unmasked tokens here). Pass the token count of the whole
+accumulated / data-parallel batch as `normalizer` (the HF Trainer's `num_items_in_batch`) to make the
+mean global: then micro-batches add up to exactly the loss of the concatenated batch.
+
+Memory: with `chunk_size`, tokens are processed in chunks under activation checkpointing, so fp32
+full-vocabulary tensors exist for one chunk at a time, in the forward and in the backward pass.
+`kl_divergence_from_hidden` also fuses the LM heads, so no full-row logits exist at all.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DIRECTIONS = ("reverse", "forward")
+
+
+def _kl_sum(student_logits, teacher_logits, direction: str, temperature: float) -> torch.Tensor:
+    """Sum over tokens of KL between softmax(logits / T). Shape: (tokens, vocab) each -> scalar."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # fp32 (fp64 stays fp64, for gradcheck)
+    log_p_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    if direction == "reverse":  # KL(student || teacher): mode-seeking, the paper's choice
+        return (log_p_s.exp() * (log_p_s - log_p_t)).sum()
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum()  # forward: KL(teacher || student)
+
+
+def _check(direction, temperature):
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _select(mask, *tensors):
+    """Flatten leading dims and keep only the unmasked tokens (masked tokens cost nothing)."""
+    flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
+    if mask is None:
+        return flat
+    keep = mask.reshape(-1).nonzero().squeeze(-1)
+    return [t.index_select(0, keep) for t in flat]
+
+
+def _normalise(total, n_tokens, normalizer):
+    denominator = normalizer if normalizer is not None else n_tokens
+    return total / max(float(denominator), 1.0)
+
+
+def kl_divergence(student_logits, teacher_logits, mask=None, direction="reverse", temperature=1.0,
+                  chunk_size=None, normalizer=None) -> torch.Tensor:
+    """Mean per-token KL between student and teacher next-token distributions.
+
+    Shape: student_logits, teacher_logits (..., vocab) with the same leading shape; mask (...), nonzero where
+    a token counts. The teacher side gets no gradient. No T^2 factor is applied (the paper uses T = 1).
+    """
+    _check(direction, temperature)
+    student, teacher = _select(mask, student_logits, teacher_logits.detach())
+    n_tokens = student.shape[0]
+    if chunk_size is None:
+        total = _kl_sum(student, teacher, direction, temperature)
+    else:
+        total = student.new_zeros((), dtype=torch.promote_types(student.dtype, torch.float32))
+        for start in range(0, n_tokens, chunk_size):
+            end = start + chunk_size
+            total = total + checkpoint(_kl_sum, student[start:end], teacher[start:end], direction, temperature,
+                                       use_reentrant=False)
+    return _normalise(total, n_tokens, normalizer)
+
+
+def _fused_chunk(student_hidden, student_weight, teacher_hidden, teacher_weight, direction, temperature):
+    with torch.no_grad():
+        teacher_logits = teacher_hidden @ teacher_weight.T
+    return _kl_sum(student_hidden @ student_weight.T, teacher_logits, direction, temperature)
+
+
+def kl_divergence_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
+                              direction="reverse", temperature=1.0, chunk_size=1024, normalizer=None) -> torch.Tensor:
+    """`kl_divergence` of `student_hidden @ student_weight.T` vs `teacher_hidden @ teacher_weight.T`, with the
+    LM heads fused into the token chunks: neither model's logits are ever materialised for a whole row.
+
+    Shape: *_hidden (..., hidden) with the same leading shape (hidden sizes may differ); *_weight (vocab, hidden).
+    """
+    _check(direction, temperature)
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student and teacher vocabularies differ: {student_weight.shape[0]} vs {teacher_weight.shape[0]} rows "
+                         "in their LM heads. Distillation needs the teacher's tokenizer for the student.")
+    student, teacher = _select(mask, student_hidden, teacher_hidden.detach())
+    total = student.new_zeros((), dtype=torch.promote_types(student.dtype, torch.float32))
+    for start in range(0, student.shape[0], chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(_fused_chunk, student[start:end], student_weight, teacher[start:end],
+                                   teacher_weight.detach(), direction, temperature, use_reentrant=False)
+    return _normalise(total, student.shape[0], normalizer)
