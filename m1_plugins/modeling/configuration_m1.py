@@ -45,7 +45,7 @@ class M1Config(LlamaConfig):
         Whether in_proj and out_proj have biases (set by conversion from a teacher with attention_bias).
     mamba_xb_expansion (`int`, *optional*, defaults to 1):
         The paper's learned GQA expansion: in_proj emits x and B at `1/mamba_xb_expansion` of their width and
-        the linears `x_expand`, `B_expand` (initialised as a head repeat) restore it, before the convolution,
+        the linears `x_expand`, `B_expand` (which `m1 convert` initialises as a head repeat) restore it, before the convolution,
         so export can fold them into in_proj exactly. 1 means no expansion (x and B at full width).
     mamba_kernels (`str`, *optional*, defaults to `"auto"`):
         "auto" uses the mamba-ssm CUDA kernels when the model is on a GPU and they are installed, else the
@@ -63,10 +63,10 @@ class M1Config(LlamaConfig):
     mamba_expand: int = 1
     mamba_d_conv: int = 4
     mamba_chunk_size: int = 256
-    mamba_dt_min: float = 0.001
-    mamba_dt_max: float = 0.1
-    mamba_dt_init_floor: float = 1e-4
-    mamba_dt_limit: list[float] | tuple[float, float] = (0.0, math.inf)
+    mamba_dt_min: float | int = 0.001
+    mamba_dt_max: float | int = 0.1
+    mamba_dt_init_floor: float | int = 1e-4
+    mamba_dt_limit: list[float | int] | tuple[float | int, float | int] = (0.0, math.inf)
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
     mamba_xb_expansion: int = 1

@@ -101,7 +101,7 @@ class M1Mamba2Mixer(nn.Module):
             y = y.view(batch, 1, self.d_inner)
         else:
             continuing = cache is not None and cache.has_previous_state
-            conv_init = cache.conv_states[self.layer_idx] if continuing else None
+            conv_init = cache.conv_states[self.layer_idx].clone() if continuing else None  # overwritten below
             xBC_t = xBC.transpose(1, 2)  # (b, conv_dim, l)
             if cache is not None:  # keep the last d_conv - 1 inputs for the next step
                 history = xBC_t if conv_init is None else torch.cat([conv_init.to(xBC_t.dtype), xBC_t], dim=-1)

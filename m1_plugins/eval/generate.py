@@ -1,0 +1,63 @@
+"""Sampling engines behind one interface: `Generator.generate(prompts, n, ...)` -> token ids.
+
+`HFGenerator` runs `model.generate` on left-padded batches (M1ForCausalLM treats left padding exactly:
+padding never enters the attention or the recurrent state). A faster engine implements the same
+`Generator` protocol and drops in.
+"""
+
+import time
+from typing import Protocol
+
+import torch
+
+
+class Generator(Protocol):
+    tokens_generated: int  # total generated tokens (EOS included) over all calls
+    seconds: float  # total wall time spent in generate
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
+                 seed: int) -> list[list[list[int]]]:
+        """Sample n continuations of each prompt (token ids, no padding).
+
+        Returns (len(prompts), n, generated length) nested lists: out[p][s] holds the ids generated for
+        prompt p, sample s, ending with an EOS id when the sample stopped by itself (at most
+        max_new_tokens ids). temperature 0 is greedy decoding; `seed` makes a call reproducible.
+        """
+        ...
+
+
+class HFGenerator:
+    """`Generator` over HF `model.generate`: the len(prompts) * n rows run in left-padded batches of
+    `batch_size` rows. Sampling is plain temperature + top-p (top-k off)."""
+
+    def __init__(self, model, pad_token_id: int, eos_token_ids: list[int], batch_size: int = 32):
+        self.model, self.pad_token_id, self.eos_token_ids = model, pad_token_id, list(eos_token_ids)
+        self.batch_size = batch_size
+        self.tokens_generated, self.seconds = 0, 0.0
+
+    @torch.no_grad()
+    def generate(self, prompts, n, temperature, top_p, max_new_tokens, seed):
+        rows = [p for p in prompts for _ in range(n)]  # row r = prompt r // n, sample r % n
+        outputs: list[list[int]] = []
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+        device = next(self.model.parameters()).device
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        for b in range(0, len(rows), self.batch_size):
+            batch = rows[b:b + self.batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in batch], device=device)  # (B, width)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)  # (B, width)
+            generated = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, **sampling,
+                                            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids)
+            outputs.extend(self._trim(row) for row in generated[:, width:].tolist())  # (B, <= max_new_tokens)
+        self.tokens_generated += sum(len(o) for o in outputs)
+        self.seconds += time.perf_counter() - start
+        return [outputs[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _trim(self, row: list[int]) -> list[int]:
+        """Cut a generated row after its first EOS (what follows is padding of a finished sample)."""
+        for i, token in enumerate(row):
+            if token in self.eos_token_ids:
+                return row[:i + 1]
+        return row
