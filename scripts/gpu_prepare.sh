@@ -10,16 +10,23 @@ cd "$(dirname "$0")/.."
 
 VERSION=2.3.2.post1
 DEST=.device/site
-PY=${PYTHON:-.venvs/verl/bin/python}
-[ -x "$PY" ] || PY=python3
+# pip runs the sdist's setup.py for its metadata: that Python needs torch, setuptools and wheel (a project venv has
+# them); without build isolation, so that pip does not fetch torch as a build dependency
+PY=${PYTHON:-}
+for candidate in .venvs/verl/bin/python .venvs/axolotl/bin/python python3; do
+    [ -n "$PY" ] && break
+    command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "import torch, setuptools, wheel" 2>/dev/null && PY=$candidate
+done
+[ -n "$PY" ] || { echo "need a Python with torch, setuptools and wheel (set PYTHON=...)" >&2; exit 1; }
+export MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE  # setup.py: no prebuilt-wheel download, no nvcc
+export PYTHONDONTWRITEBYTECODE=1
 
 if [ ! -f "$DEST/mamba_ssm/__init__.py" ] || ! grep -q "__version__ = \"$VERSION\"" "$DEST/mamba_ssm/__init__.py"; then
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
-    # the sdist (the registry has no wheel); --no-build-isolation skips its build deps, whose
-    # metadata step would otherwise try to build it
+    # the sdist (the registry has no wheel for it); only the mamba_ssm package directory is kept
     "$PY" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation -d "$tmp" "mamba-ssm==$VERSION"
-    tar -xzf "$tmp"/mamba_ssm-"$VERSION".tar.gz -C "$tmp"
+    tar -xzf "$tmp"/mamba_ssm-*.tar.gz -C "$tmp"
     rm -rf "$DEST/mamba_ssm"
     mkdir -p "$DEST"
     cp -r "$tmp/mamba_ssm-$VERSION/mamba_ssm" "$DEST/"
@@ -43,4 +50,4 @@ here = os.path.abspath(".device/site")
 assert os.path.abspath(mamba_ssm.__file__).startswith(here), f"imported {mamba_ssm.__file__}, not the copy in {here}"
 print(f"ok: mamba_ssm {mamba_ssm.__version__} from {os.path.dirname(mamba_ssm.__file__)}")
 PY
-du -sh .device
+echo "size of .device: $(du -sh .device | cut -f1) (carried to the GPU machine: the device tool allows 64 MiB with the repo)"

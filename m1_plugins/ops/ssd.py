@@ -144,12 +144,13 @@ def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0, math.in
     """`ssd_step_ref` (softplus on) or mamba-ssm's `selective_state_update` (same shapes as the ref)."""
     if backend != "cuda":
         return ssd_step_ref(state, x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_limit=dt_limit)
+    batch, nheads, headdim = x.shape
+    softplus = True
     if dt_limit != (0.0, math.inf):  # the kernel has no dt_limit: discretise here
         dt = _discretize_dt(dt, dt_bias, True, dt_limit, torch.float32)
         dt_bias, softplus = None, False
-    else:
-        softplus = True
-    batch, nheads, headdim = x.shape
+    if dt_bias is None:  # the kernel reads dt_bias's strides unconditionally
+        dt_bias = torch.zeros(nheads, device=x.device, dtype=torch.float32)
     dstate = state.shape[-1]
     # stride-0 views over headdim / dstate: the kernel's "tied" fast path
     return load_kernels().state_update(
