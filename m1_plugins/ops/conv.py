@@ -54,15 +54,36 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation="silu"
     return _activate(out, activation).to(x.dtype)
 
 
+def causal_conv1d_by_documents(x, weight, bias=None, seq_idx=None, activation="silu"):
+    """`causal_conv1d_ref` (without initial states) as one depthwise F.conv1d: every document is copied behind
+    width-1 zeros of its own, convolved, and read back. Two copies of x instead of the reference's
+    per-tap shifted and masked tensors; used on CUDA when causal-conv1d is not installed."""
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    if seq_idx is None:
+        out = F.conv1d(x, weight[:, None], bias, padding=width - 1, groups=dim)[..., :seqlen]
+        return _activate(out, activation)
+    starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True).reshape(-1)  # rows start documents too
+    dest = torch.arange(batch * seqlen, device=x.device) + starts.cumsum(0) * (width - 1)  # position behind the zeros
+    padded = x.new_zeros(dim, batch * seqlen + int(starts.sum()) * (width - 1))
+    padded = padded.index_copy(1, dest, x.permute(1, 0, 2).reshape(dim, batch * seqlen))
+    out = F.conv1d(padded[None], weight[:, None], bias, groups=dim)[0]  # out[:, j] ends its window at input j+width-1
+    out = out.index_select(1, dest - (width - 1)).reshape(dim, batch, seqlen).permute(1, 0, 2)
+    return _activate(out, activation)
+
+
 def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, activation="silu", backend="reference"):
-    """causal-conv1d's CUDA kernel when installed (and no initial state is given), else the reference."""
-    kernels = load_kernels() if backend == "cuda" else None
-    if kernels is not None and kernels.conv1d is not None and initial_states is None:
-        # the kernel wants channel-last memory when given seq_idx: (b, l, d) viewed as (b, d, l)
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)
-        seq_idx = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
-        return kernels.conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)
-    return causal_conv1d_ref(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states, activation=activation)
+    """On CUDA: causal-conv1d's kernel when installed, else `causal_conv1d_by_documents`; the reference
+    elsewhere and whenever a cached `initial_states` is continued."""
+    if backend != "cuda" or initial_states is not None:
+        return causal_conv1d_ref(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states, activation=activation)
+    kernels = load_kernels()
+    if kernels.conv1d is None:
+        return causal_conv1d_by_documents(x, weight, bias, seq_idx=seq_idx, activation=activation)
+    # the kernel wants channel-last memory when given seq_idx: (b, l, d) viewed as (b, d, l)
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    seq_idx = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+    return kernels.conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu", backend="reference"):

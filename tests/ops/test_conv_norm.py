@@ -192,3 +192,24 @@ def test_load_kernels_is_none_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
     assert load_kernels() is None
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed"])
+def test_conv_by_documents_equals_reference(packed):
+    """The CUDA fallback conv (documents behind zeros, one F.conv1d) == the reference, values and gradients."""
+    from m1_plugins.ops.conv import causal_conv1d_by_documents
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 37, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    seq_idx = None
+    if packed:  # a 1-token document, documents shorter than the width, a boundary at the last position
+        seq_idx = torch.zeros(3, 37, dtype=torch.long)
+        seq_idx[0, 5:], seq_idx[0, 6:], seq_idx[1, 20:], seq_idx[2, 1:], seq_idx[2, 36:] = 1, 2, 1, 1, 2
+    ref = causal_conv1d_ref(x, w, b, seq_idx=seq_idx)
+    fast = causal_conv1d_by_documents(x, w, b, seq_idx=seq_idx)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, c in zip(torch.autograd.grad((ref * g).sum(), (x, w, b)), torch.autograd.grad((fast * g).sum(), (x, w, b))):
+        torch.testing.assert_close(c, a, rtol=0, atol=1e-12)
