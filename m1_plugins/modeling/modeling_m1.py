@@ -82,10 +82,12 @@ class M1Mamba2Mixer(nn.Module):
         """hidden_states: (batch, seqlen, hidden); token_mask: (batch, seqlen), 0 at padding."""
         backend = resolve_backend(self.config.mamba_kernels, hidden_states.device)
         batch, seqlen, _ = hidden_states.shape
-        z, x, B, C, dt = self.in_proj(hidden_states).split(self.split_sizes, dim=-1)
+        zxbcdt = self.in_proj(hidden_states)
         if hasattr(self, "x_expand"):
-            x, B = self.x_expand(x), self.B_expand(B)
-        xBC = torch.cat([x, B, C], dim=-1)
+            z, x, B, C, dt = zxbcdt.split(self.split_sizes, dim=-1)
+            xBC = torch.cat([self.x_expand(x), self.B_expand(B), C], dim=-1)
+        else:  # x | B | C are adjacent rows of in_proj: a view, no copy
+            z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         if token_mask is not None:  # padding must not enter the conv window or the state
             xBC = xBC * token_mask[..., None].to(xBC.dtype)
         A = -torch.exp(self.A_log.float())

@@ -213,3 +213,19 @@ def test_conv_by_documents_equals_reference(packed):
     g = torch.randn_like(ref)
     for a, c in zip(torch.autograd.grad((ref * g).sum(), (x, w, b)), torch.autograd.grad((fast * g).sum(), (x, w, b))):
         torch.testing.assert_close(c, a, rtol=0, atol=1e-12)
+
+
+def test_conv_by_documents_fuzz_boundaries():
+    """Random document layouts, including runs of 1-token documents and starts closer than the width."""
+    from m1_plugins.ops.conv import causal_conv1d_by_documents
+
+    for trial in range(100):
+        g = torch.Generator().manual_seed(trial)
+        seqlen = int(torch.randint(1, 30, (1,), generator=g))
+        x = torch.randn(2, 5, seqlen, dtype=torch.float64, generator=g, requires_grad=True)
+        w = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+        seq_idx = (torch.rand(2, seqlen, generator=g) < 0.3).long().cumsum(-1)
+        ref, fast = causal_conv1d_ref(x, w, seq_idx=seq_idx), causal_conv1d_by_documents(x, w, seq_idx=seq_idx)
+        torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
+        for a, c in zip(torch.autograd.grad(ref.sum(), (x, w)), torch.autograd.grad(fast.sum(), (x, w))):
+            torch.testing.assert_close(c, a, rtol=0, atol=1e-12)
