@@ -64,15 +64,16 @@ def causal_conv1d_by_documents(x, weight, bias=None, seq_idx=None, activation="s
         return _activate(out, activation)
     rows, start = (seq_idx[:, 1:] != seq_idx[:, :-1]).nonzero().unbind(1)
     start = start + 1
-    for offset in range(width - 1):  # the output at start + offset must not see taps j > offset
-        pos = start + offset
-        keep = (pos < seqlen) & (seq_idx[rows, pos.clamp(max=seqlen - 1)] == seq_idx[rows, start])  # else a later start owns it
-        r, p = rows[keep], pos[keep]
-        leak = 0
-        for j in range(offset + 1, width):
-            src = p - j
-            leak = leak + x[r, :, src.clamp(min=0)] * weight[:, -1 - j] * (src >= 0)[:, None].to(x.dtype)
-        out[r, :, p] = out[r, :, p] - leak
+    # one small gather of the width-1 inputs before every document start
+    cols = start[:, None] + torch.arange(1 - width, 0, device=x.device)
+    window = x[rows[:, None], :, cols.clamp(min=0)] * (cols >= 0)[..., None].to(x.dtype)  # (n, width-1, dim)
+    # the output at start+o (o < width-1) wrongly includes taps j > o, which read window column o - j + width - 1
+    leak = torch.stack([sum(window[:, o - j + width - 1] * weight[:, -1 - j] for j in range(o + 1, width))
+                        for o in range(width - 1)], dim=1)  # (n, width-1, dim)
+    pos = start[:, None] + torch.arange(width - 1, device=x.device)
+    owned = (pos < seqlen) & (seq_idx[rows[:, None], pos.clamp(max=seqlen - 1)] == seq_idx[rows, start][:, None])
+    r, p = rows[:, None].expand_as(pos)[owned], pos[owned]  # positions not owned belong to a later, closer start
+    out[r, :, p] = out[r, :, p] - leak[owned]
     return _activate(out, activation)
 
 
