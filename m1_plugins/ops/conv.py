@@ -55,25 +55,20 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation="silu"
 
 
 def causal_conv1d_by_documents(x, weight, bias=None, seq_idx=None, activation="silu"):
-    """`causal_conv1d_ref` (without initial states) as one depthwise F.conv1d over the whole row, after which the
-    few outputs within width-1 of a document start lose the taps that reach into earlier documents. Used on CUDA
-    when causal-conv1d is not installed: no per-tap full-size tensors and no copies of x."""
-    seqlen, width = x.shape[-1], weight.shape[1]
-    out = F.conv1d(x, weight[:, None], bias, padding=width - 1, groups=x.shape[1])[..., :seqlen]
+    """`causal_conv1d_ref` (without initial states) as one depthwise F.conv1d: every document is copied behind
+    width-1 zeros of its own, convolved, and read back. Two copies of x instead of the reference's
+    per-tap shifted and masked tensors; used on CUDA when causal-conv1d is not installed."""
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
     if seq_idx is None:
+        out = F.conv1d(x, weight[:, None], bias, padding=width - 1, groups=dim)[..., :seqlen]
         return _activate(out, activation)
-    rows, start = (seq_idx[:, 1:] != seq_idx[:, :-1]).nonzero().unbind(1)
-    start = start + 1
-    # one small gather of the width-1 inputs before every document start
-    cols = start[:, None] + torch.arange(1 - width, 0, device=x.device)
-    window = x[rows[:, None], :, cols.clamp(min=0)] * (cols >= 0)[..., None].to(x.dtype)  # (n, width-1, dim)
-    # the output at start+o (o < width-1) wrongly includes taps j > o, which read window column o - j + width - 1
-    leak = torch.stack([sum(window[:, o - j + width - 1] * weight[:, -1 - j] for j in range(o + 1, width))
-                        for o in range(width - 1)], dim=1)  # (n, width-1, dim)
-    pos = start[:, None] + torch.arange(width - 1, device=x.device)
-    owned = (pos < seqlen) & (seq_idx[rows[:, None], pos.clamp(max=seqlen - 1)] == seq_idx[rows, start][:, None])
-    r, p = rows[:, None].expand_as(pos)[owned], pos[owned]  # positions not owned belong to a later, closer start
-    out[r, :, p] = out[r, :, p] - leak[owned]
+    starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True).reshape(-1)  # rows start documents too
+    dest = torch.arange(batch * seqlen, device=x.device) + starts.cumsum(0) * (width - 1)  # position behind the zeros
+    padded = x.new_zeros(dim, batch * seqlen + int(starts.sum()) * (width - 1))
+    padded = padded.index_copy(1, dest, x.permute(1, 0, 2).reshape(dim, batch * seqlen))
+    out = F.conv1d(padded[None], weight[:, None], bias, groups=dim)[0]  # out[:, j] ends its window at input j+width-1
+    out = out.index_select(1, dest - (width - 1)).reshape(dim, batch, seqlen).permute(1, 0, 2)
     return _activate(out, activation)
 
 
