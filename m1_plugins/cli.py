@@ -138,6 +138,26 @@ def fidelity_between_dirs(teacher_dir, student_dir, task, size, seed, max_length
 
 
 @main.command()
+@click.option("--task", default="gsm_symbolic", show_default=True, help="reasoning-gym task name.")
+@click.option("--size", type=int, default=256, show_default=True, help="Number of conversations.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Dataset seed (the report uses 10000: keep clear of it).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JSONL file to write.")
+def data(task, size, seed, out):
+    """Write reasoning-gym problems as chat conversations (JSONL, one {"messages": [...]} per line): the user
+    turn ends with the M1 prompt suffix, the assistant turn is the worked solution with a \\boxed{} answer.
+    Axolotl reads it with `type: chat_template`."""
+    from .data import reasoning_gym_conversations
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for messages in reasoning_gym_conversations(task, size=size, seed=seed):
+            f.write(json.dumps({"messages": messages}) + "\n")
+    tmp.replace(out)
+    click.echo(f"wrote {size} {task} conversations to {out}")
+
+
+@main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--num-attn-layers", type=int, default=6, show_default=True, help="Attention layers kept (of 30).")
 @click.option("--size", type=int, default=32, show_default=True, help="Held-out conversations for the report.")

@@ -1,0 +1,52 @@
+"""Config keys of the M1 Axolotl plugin (`m1_*`), validated when Axolotl validates the YAML."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class M1Args(BaseModel):
+    """Distillation (stage 1) and SFT (stage 2) of M1 hybrids. With `m1_kl_weight: 0` the teacher is not
+    loaded at all and training is plain cross-entropy SFT on the hybrid."""
+
+    m1_teacher: str | None = Field(default=None, description="Teacher checkpoint directory (shares the student's tokenizer).")
+    m1_kl_weight: float = Field(default=1.0, ge=0.0, description="Weight of the KL(student, teacher) term.")
+    m1_ce_weight: float = Field(default=0.0, ge=0.0, description="Weight of the cross-entropy term on the labels.")
+    m1_kl_direction: Literal["reverse", "forward"] = Field(
+        default="reverse", description="reverse = KL(student || teacher), the paper's mode-seeking choice.")
+    m1_kl_temperature: float = Field(default=1.0, gt=0.0, description="Softmax temperature of both models in the KL.")
+    m1_loss_chunk_size: int = Field(default=1024, gt=0, description="Tokens per chunk of the KL: bounds its fp32 memory.")
+    m1_teacher_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        default=None, description="dtype of the frozen teacher; default: the student's.")
+
+    @model_validator(mode="after")
+    def check_m1_keys(self):
+        if self.m1_kl_weight == 0 and self.m1_ce_weight == 0:
+            raise ValueError("m1_kl_weight and m1_ce_weight are both 0: nothing to train. Set m1_kl_weight: 1.0 "
+                             "(distillation) or m1_ce_weight: 1.0 (SFT).")
+        if self.m1_kl_weight > 0:
+            if not self.m1_teacher:
+                raise ValueError("m1_kl_weight > 0 needs m1_teacher: the teacher checkpoint directory "
+                                 "(or set m1_kl_weight: 0 for SFT without a teacher).")
+            if not (Path(self.m1_teacher) / "config.json").is_file():
+                raise ValueError(f"m1_teacher: {self.m1_teacher!r} is not a checkpoint directory (no config.json there). "
+                                 "Write one with `m1 teacher --out DIR` or point to a local HF checkpoint.")
+        return self
+
+
+@dataclass
+class M1TrainingArgsMixin:
+    """The m1_* settings as carried by Axolotl's training arguments into the trainer."""
+
+    m1_teacher: str | None = None
+    m1_kl_weight: float = 1.0
+    m1_ce_weight: float = 0.0
+    m1_kl_direction: str = "reverse"
+    m1_kl_temperature: float = 1.0
+    m1_loss_chunk_size: int = 1024
+    m1_teacher_dtype: str | None = None
+
+
+M1_TRAINING_KEYS = tuple(M1TrainingArgsMixin.__dataclass_fields__)

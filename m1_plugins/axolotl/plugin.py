@@ -1,0 +1,40 @@
+"""`plugins: [m1_plugins.axolotl.M1Plugin]`: M1 hybrids in Axolotl (distillation and SFT)."""
+
+import logging
+
+from axolotl.integrations.base import BasePlugin
+
+from .args import M1_TRAINING_KEYS
+
+LOG = logging.getLogger(__name__)
+
+
+class M1Plugin(BasePlugin):
+    """Registers the `m1_hybrid` model type (Auto classes and Axolotl's multipack, so packed rows reach the
+    model with per-document position_ids), adds the `m1_*` config keys, and supplies the distillation
+    trainer when `m1_kl_weight > 0`."""
+
+    def register(self, cfg):
+        import m1_plugins
+        from axolotl.monkeypatch.multipack import SUPPORTED_MULTIPACK_MODEL_TYPES
+
+        m1_plugins.register()
+        if m1_plugins.M1Config.model_type not in SUPPORTED_MULTIPACK_MODEL_TYPES:
+            SUPPORTED_MULTIPACK_MODEL_TYPES.append(m1_plugins.M1Config.model_type)
+
+    def get_input_args(self):
+        return "m1_plugins.axolotl.args.M1Args"
+
+    def get_training_args_mixin(self):
+        return "m1_plugins.axolotl.args.M1TrainingArgsMixin"
+
+    def get_training_args(self, cfg):
+        return {key: cfg[key] for key in M1_TRAINING_KEYS if cfg.get(key) is not None}
+
+    def get_trainer_cls(self, cfg):
+        if (cfg.get("m1_kl_weight") if cfg.get("m1_kl_weight") is not None else 1.0) > 0:
+            from .trainer import M1DistillTrainer
+
+            return M1DistillTrainer
+        LOG.info("m1_kl_weight is 0: plain SFT, no teacher is loaded")
+        return None

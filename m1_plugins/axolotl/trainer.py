@@ -1,0 +1,82 @@
+"""The distillation trainer: Axolotl's trainer with an in-process frozen teacher and the M1 loss
+    loss = m1_kl_weight * KL(student, teacher) + m1_ce_weight * CE(labels)
+over the tokens that carry labels (assistant turns), normalised by the token count of the whole
+accumulated / data-parallel batch (`num_items_in_batch`), so the loss equals the one of the concatenated batch."""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from axolotl.core.trainers.base import AxolotlTrainer
+
+from ..losses import kl_divergence
+
+LOG = logging.getLogger(__name__)
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def load_teacher(path: str, dtype: torch.dtype, device) -> torch.nn.Module:
+    """The frozen teacher. A Llama teacher is wrapped as an all-attention M1 model (the conversion with every
+    layer kept, which reproduces it exactly) so that packed rows are split into documents exactly as for the
+    student: a plain HF Llama attends across the documents of a packed row."""
+    from transformers import AutoModelForCausalLM
+
+    from ..convert import convert_to_hybrid
+    from ..modeling import M1ForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if not isinstance(teacher, M1ForCausalLM):
+        teacher = convert_to_hybrid(teacher, list(range(teacher.config.num_hidden_layers)), share_weights=True, progress=False)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def check_same_tokenizer(teacher_path: str, tokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    teacher_vocab = AutoTokenizer.from_pretrained(teacher_path).get_vocab()
+    if teacher_vocab != tokenizer.get_vocab():
+        raise ValueError(
+            f"The teacher at {teacher_path} uses a different tokenizer than the student ({len(teacher_vocab)} vs "
+            f"{len(tokenizer.get_vocab())} tokens, or different ids). Token-level distillation needs one vocabulary: "
+            "convert the student from this teacher (m1 convert) or set `tokenizer_config` to the teacher's tokenizer."
+        )
+
+
+class M1DistillTrainer(AxolotlTrainer):
+    loss_is_scaled_for_ga = True  # the loss is already normalised over the whole accumulated batch
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        a = self.args
+        check_same_tokenizer(a.m1_teacher, self.processing_class)
+        dtype = getattr(torch, a.m1_teacher_dtype) if a.m1_teacher_dtype else self.model.dtype
+        self.teacher = load_teacher(a.m1_teacher, dtype, self.args.device)
+        if self.teacher.config.vocab_size != self.model.config.vocab_size:
+            raise ValueError(f"teacher vocab_size {self.teacher.config.vocab_size} != student vocab_size "
+                             f"{self.model.config.vocab_size}: distillation needs one vocabulary.")
+        LOG.info("m1 distillation: teacher %s (%s), %s KL x %.3g + CE x %.3g, T=%.3g, loss chunks of %d tokens",
+                 a.m1_teacher, dtype, a.m1_kl_direction, a.m1_kl_weight, a.m1_ce_weight, a.m1_kl_temperature,
+                 a.m1_loss_chunk_size)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        a = self.args
+        labels = inputs["labels"]
+        model_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
+        outputs = model(**model_inputs)
+        logits = outputs.logits[:, :-1]
+        targets = labels[:, 1:]
+        mask = targets != -100  # predict the assistant's tokens only (prompts are masked by the dataset)
+        normalizer = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if a.m1_kl_weight > 0:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**model_inputs).logits[:, :-1]
+            loss = loss + a.m1_kl_weight * kl_divergence(
+                logits, teacher_logits, mask, direction=a.m1_kl_direction, temperature=a.m1_kl_temperature,
+                chunk_size=a.m1_loss_chunk_size, normalizer=normalizer)
+        if a.m1_ce_weight > 0:
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+            loss = loss + a.m1_ce_weight * ce / normalizer
+        if a.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP/FSDP average gradients; the normaliser is global
+        return (loss, outputs) if return_outputs else loss
