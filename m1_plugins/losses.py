@@ -93,3 +93,25 @@ def kl_divergence_from_hidden(student_hidden, student_weight, teacher_hidden, te
         total = total + checkpoint(_fused_chunk, student[start:end], student_weight, teacher[start:end],
                                    teacher_weight.detach(), direction, temperature, use_reentrant=False)
     return _normalise(total, student.shape[0], normalizer)
+
+
+def distillation_loss(student_logits, teacher_logits, labels, kl_weight=1.0, ce_weight=0.0, direction="reverse",
+                      temperature=1.0, chunk_size=None, normalizer=None) -> torch.Tensor:
+    """The M1 stage-1/2 objective on next-token predictions of the tokens that carry labels:
+        kl_weight * sum KL(student, teacher) / normalizer + ce_weight * sum CE(labels) / normalizer
+
+    Shape: *_logits (batch, seq, vocab) at every position (the last one is dropped); labels (batch, seq), -100 where
+    no loss is taken (prompts, padding). `teacher_logits` may be None when kl_weight is 0. `normalizer` defaults to
+    the number of labelled tokens here; pass the accumulated / data-parallel count for a global mean.
+    """
+    logits, targets = student_logits[:, :-1], labels[:, 1:]
+    mask = targets != -100
+    normalizer = normalizer if normalizer is not None else mask.sum()
+    loss = logits.new_zeros((), dtype=torch.float32)
+    if kl_weight > 0:
+        loss = loss + kl_weight * kl_divergence(logits, teacher_logits[:, :-1], mask, direction, temperature,
+                                                chunk_size, normalizer)
+    if ce_weight > 0:
+        predicted, gold = _select(mask, logits)[0], targets[mask]
+        loss = loss + ce_weight * _normalise(F.cross_entropy(predicted.float(), gold, reduction="sum"), len(gold), normalizer)
+    return loss

@@ -10,7 +10,10 @@ cd "$(dirname "$0")/.."
 
 python312() {
   for cand in "${M1_PYTHON:-}" python3.12 /root/.pyenv/versions/3.12.*/bin/python3.12; do
-    if [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1; then command -v "$cand"; return; fi
+    # a candidate must run: a pyenv shim for a version that is not selected exists but fails
+    if [ -n "$cand" ] && "$cand" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then
+      command -v "$cand"; return
+    fi
   done
   echo "Python 3.12 not found (Axolotl 0.21 needs >=3.12, VeRL 0.9.1 <3.13). Install it or set M1_PYTHON=/path/to/python3.12" >&2
   exit 1

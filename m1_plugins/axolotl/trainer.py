@@ -6,10 +6,9 @@ accumulated / data-parallel batch (`num_items_in_batch`), so the loss equals the
 import logging
 
 import torch
-import torch.nn.functional as F
 from axolotl.core.trainers.base import AxolotlTrainer
 
-from ..losses import kl_divergence
+from ..losses import distillation_loss
 
 LOG = logging.getLogger(__name__)
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -60,23 +59,14 @@ class M1DistillTrainer(AxolotlTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         a = self.args
-        labels = inputs["labels"]
         model_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
         outputs = model(**model_inputs)
-        logits = outputs.logits[:, :-1]
-        targets = labels[:, 1:]
-        mask = targets != -100  # predict the assistant's tokens only (prompts are masked by the dataset)
-        normalizer = num_items_in_batch if num_items_in_batch is not None else mask.sum()
-        loss = logits.new_zeros((), dtype=torch.float32)
+        teacher_logits = None
         if a.m1_kl_weight > 0:
             with torch.no_grad():
-                teacher_logits = self.teacher(**model_inputs).logits[:, :-1]
-            loss = loss + a.m1_kl_weight * kl_divergence(
-                logits, teacher_logits, mask, direction=a.m1_kl_direction, temperature=a.m1_kl_temperature,
-                chunk_size=a.m1_loss_chunk_size, normalizer=normalizer)
-        if a.m1_ce_weight > 0:
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
-            loss = loss + a.m1_ce_weight * ce / normalizer
+                teacher_logits = self.teacher(**model_inputs).logits
+        loss = distillation_loss(outputs.logits, teacher_logits, inputs["labels"], a.m1_kl_weight, a.m1_ce_weight,
+                                 a.m1_kl_direction, a.m1_kl_temperature, a.m1_loss_chunk_size, num_items_in_batch)
         if a.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP/FSDP average gradients; the normaliser is global
         return (loss, outputs) if return_outputs else loss

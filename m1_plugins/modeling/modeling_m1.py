@@ -23,6 +23,11 @@ from .configuration_m1 import M1Config
 from .packing import attention_bias, position_ids_from_seq_idx, seq_idx_from_cu_seqlens, seq_idx_from_position_ids
 
 
+# The scan's result does not depend on the chunk size; the PyTorch reference is fastest on CPUs with short
+# chunks (its intra-chunk work grows with chunk_size^2), the Triton kernels with the configured one.
+REFERENCE_CHUNK_SIZE = 64
+
+
 def init_ssm_parameters(config: M1Config, generator=None) -> dict[str, torch.Tensor]:
     """Standard Mamba-2 init of the per-head parameters: dt log-uniform in [dt_min, dt_max] (stored as
     softplus^-1 in dt_bias), A uniform in [1, 16] (stored as log), D = 1."""
@@ -117,7 +122,8 @@ class M1Mamba2Mixer(nn.Module):
             y, final_state = ssd_chunk_scan(
                 x.reshape(batch, seqlen, self.n_heads, self.head_dim), dt, A,
                 B.reshape(batch, seqlen, self.n_groups, self.d_state), C.reshape(batch, seqlen, self.n_groups, self.d_state),
-                self.config.mamba_chunk_size, initial_states=cache.ssm_states[self.layer_idx] if continuing else None,
+                self.config.mamba_chunk_size if backend == "cuda" else REFERENCE_CHUNK_SIZE,
+                initial_states=cache.ssm_states[self.layer_idx] if continuing else None,
                 seq_idx=seq_idx, **ssm_args,
             )
             if cache is not None:
