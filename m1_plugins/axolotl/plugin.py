@@ -1,12 +1,11 @@
 """`plugins: [m1_plugins.axolotl.M1Plugin]`: M1 hybrids in Axolotl (distillation and SFT)."""
 
-import logging
-
 from axolotl.integrations.base import BasePlugin
+from axolotl.utils.logging import get_logger
 
 from .args import M1_TRAINING_KEYS
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger("axolotl.integrations.m1")  # Axolotl shows its own namespace at INFO
 
 
 class M1Plugin(BasePlugin):

@@ -3,14 +3,13 @@
 over the tokens that carry labels (assistant turns), normalised by the token count of the whole
 accumulated / data-parallel batch (`num_items_in_batch`), so the loss equals the one of the concatenated batch."""
 
-import logging
-
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
+from axolotl.utils.logging import get_logger
 
 from ..losses import distillation_loss
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger("axolotl.integrations.m1")  # Axolotl shows its own namespace at INFO
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 

@@ -1,0 +1,110 @@
+"""The Axolotl plugin in a real Axolotl (the axolotl environment): config validation, the tokenizer check, and
+`axolotl train` end to end on a tiny hybrid with a tiny teacher, packed, on reasoning-gym conversations."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+pytest.importorskip("axolotl", reason="the Axolotl plugin is tested in the axolotl environment (.venvs/axolotl)")
+
+import torch
+from pydantic import ValidationError
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from m1_plugins.axolotl.args import M1Args
+from m1_plugins.axolotl.trainer import check_same_tokenizer
+from m1_plugins.convert import convert_to_hybrid
+from m1_plugins.data import reasoning_gym_conversations
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "AXOLOTL_DO_NOT_TRACK": "1",
+               "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_args_validation(tmp_path):
+    with pytest.raises(ValidationError, match="needs m1_teacher"):
+        M1Args()
+    with pytest.raises(ValidationError, match="not a checkpoint directory"):
+        M1Args(m1_teacher=str(tmp_path))
+    with pytest.raises(ValidationError, match="nothing to train"):
+        M1Args(m1_kl_weight=0)
+    with pytest.raises(ValidationError, match="m1_kl_direction"):
+        M1Args(m1_kl_weight=0, m1_ce_weight=1, m1_kl_direction="sideways")
+    assert M1Args(m1_kl_weight=0, m1_ce_weight=1.0).m1_teacher is None
+
+
+def test_tokenizer_mismatch_is_refused(smollm2_dir):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    check_same_tokenizer(str(smollm2_dir), tokenizer)
+    tokenizer.add_tokens(["<extra_token>"])
+    with pytest.raises(ValueError, match="different tokenizer"):
+        check_same_tokenizer(str(smollm2_dir), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(smollm2_dir, tmp_path_factory):
+    """A tiny random Llama teacher with the real SmolLM2 tokenizer, its converted hybrid, and chat data."""
+    root = tmp_path_factory.mktemp("axolotl")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=3, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    teacher = LlamaForCausalLM(config)
+    hybrid = convert_to_hybrid(teacher, [1], layout="head-aligned")
+    for model, name in ((teacher, "teacher"), (hybrid, "hybrid")):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    with (root / "data.jsonl").open("w") as f:
+        for messages in reasoning_gym_conversations("basic_arithmetic", size=24, seed=0):
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return root
+
+
+def axolotl_train(root, name, **overrides):
+    cfg = {
+        "base_model": str(root / "hybrid"), "plugins": ["m1_plugins.axolotl.M1Plugin"], "m1_teacher": str(root / "teacher"),
+        "datasets": [{"path": str(root / "data.jsonl"), "type": "chat_template", "field_messages": "messages",
+                      "roles_to_train": ["assistant"]}],
+        "chat_template": "tokenizer_default", "val_set_size": 0, "dataset_prepared_path": str(root / f"prepared-{name}"),
+        "sequence_len": 256, "sample_packing": True, "pad_to_sequence_len": True, "attn_implementation": "sdpa",
+        "micro_batch_size": 1, "gradient_accumulation_steps": 2, "max_steps": 3, "learning_rate": 1e-3,
+        "optimizer": "adamw_torch", "lr_scheduler": "constant", "bf16": False, "fp16": False, "tf32": False,
+        "flash_attention": False, "output_dir": str(root / name), "logging_steps": 1, "save_steps": 3, "seed": 0,
+        **overrides,
+    }
+    (root / f"{name}.yml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "axolotl.cli.train", str(root / f"{name}.yml")], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **OFFLINE_ENV})
+    return proc, root / name
+
+
+def logged_losses(output_dir):
+    states = sorted(output_dir.glob("checkpoint-*/trainer_state.json"))
+    assert states, f"no checkpoint written in {output_dir}"
+    return [entry["loss"] for entry in json.loads(states[-1].read_text())["log_history"] if "loss" in entry]
+
+
+def test_axolotl_distillation_and_sft_runs(tiny_pair):
+    proc, out = axolotl_train(tiny_pair, "distill")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "m1 distillation: teacher" in log
+    losses = logged_losses(out)
+    assert len(losses) == 3 and all(0 < loss < 50 for loss in losses)  # KL of a random pair: positive, finite
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "m1_hybrid"
+
+    proc, out = axolotl_train(tiny_pair, "sft", m1_kl_weight=0.0, m1_ce_weight=1.0, m1_teacher=None)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "m1 distillation: teacher" not in log and "no teacher is loaded" in log
+    assert len(logged_losses(out)) == 3
+
+
+def test_axolotl_refuses_bad_m1_keys(tiny_pair):
+    proc, _ = axolotl_train(tiny_pair, "bad", m1_kl_direction="sideways")
+    assert proc.returncode != 0 and "m1_kl_direction" in proc.stdout + proc.stderr
