@@ -185,21 +185,9 @@ def hardware(device):
 # parallel Triton precompilation
 
 def mamba_autotuners():
-    import importlib
+    from m1_plugins.ops._kernels import mamba_autotuners as autotuners
 
-    from triton.runtime.autotuner import Autotuner
-
-    found = {}
-    for name in ("ssd_bmm", "ssd_chunk_scan", "ssd_chunk_state", "ssd_combined", "ssd_state_passing"):
-        module = importlib.import_module(f"mamba_ssm.ops.triton.{name}")
-        for value in vars(module).values():
-            fn, depth = value, 0
-            while fn is not None and depth < 5:
-                if isinstance(fn, Autotuner):
-                    found[id(fn)] = fn
-                    break
-                fn, depth = getattr(fn, "fn", None), depth + 1
-    return list(found.values())
+    return autotuners(("ssd_bmm", "ssd_chunk_scan", "ssd_chunk_state", "ssd_combined", "ssd_state_passing"))
 
 
 def precompile_worker(args):

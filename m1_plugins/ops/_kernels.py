@@ -83,3 +83,26 @@ def resolve_backend(requested: str, device: torch.device) -> str:
             raise ImportError(f"mamba_kernels='cuda' but the mamba-ssm Triton kernels cannot be loaded. Install: {KERNELS_INSTALL}")
         return "reference"
     return "cuda"
+
+
+MAMBA2_TRITON_MODULES = ("ssd_bmm", "ssd_chunk_scan", "ssd_chunk_state", "ssd_combined", "ssd_state_passing",
+                         "layernorm_gated", "selective_state_update")
+
+
+def mamba_autotuners(modules=MAMBA2_TRITON_MODULES) -> list:
+    """Every Triton Autotuner in the given mamba_ssm.ops.triton modules (for benchmarks and tests that
+    precompile or pin kernel configs)."""
+    from triton.runtime.autotuner import Autotuner
+
+    _import_mamba_ssm()
+    found = {}
+    for name in modules:
+        module = importlib.import_module(f"mamba_ssm.ops.triton.{name}")
+        for value in vars(module).values():
+            fn, depth = value, 0
+            while fn is not None and depth < 5:  # autotuners may be wrapped (heuristics, jit)
+                if isinstance(fn, Autotuner):
+                    found[id(fn)] = fn
+                    break
+                fn, depth = getattr(fn, "fn", None), depth + 1
+    return list(found.values())

@@ -53,26 +53,6 @@ def _probe():
     return True, ""
 
 
-def mamba_autotuners():
-    """Every triton Autotuner in mamba-ssm's Mamba-2 kernel modules."""
-    import importlib
-
-    from triton.runtime.autotuner import Autotuner
-
-    found = {}
-    for name in ("ssd_bmm", "ssd_chunk_scan", "ssd_chunk_state", "ssd_combined", "ssd_state_passing",
-                 "layernorm_gated", "selective_state_update"):
-        module = importlib.import_module(f"mamba_ssm.ops.triton.{name}")
-        for value in vars(module).values():
-            fn, depth = value, 0
-            while fn is not None and depth < 5:
-                if isinstance(fn, Autotuner):
-                    found[id(fn)] = fn
-                    break
-                fn, depth = getattr(fn, "fn", None), depth + 1
-    return list(found.values())
-
-
 def _tile_cost(config):
     tiles = 1
     for value in config.kwargs.values():
@@ -82,6 +62,8 @@ def _tile_cost(config):
 
 
 def limit_autotune_to_one_config():
+    from m1_plugins.ops._kernels import mamba_autotuners
+
     for tuner in mamba_autotuners():
         if len(tuner.configs) > 1:
             tuner.configs = [min(tuner.configs, key=_tile_cost)]
