@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .eval.cli import eval_command, tts_command
+
 logger = logging.getLogger("m1_plugins")
 
 
@@ -48,7 +50,10 @@ def main(verbose):
       m1 teacher --out runs/teacher                       # the offline SmolLM2 teacher as an HF checkpoint
       m1 convert --teacher runs/teacher --out runs/hybrid # attention -> Mamba-2 initialisation
       m1 report --teacher runs/teacher --student runs/hybrid
-      m1 demo                                              # all of the above on the CPU-sized default
+      m1 data --out runs/data.jsonl                       # reasoning-gym chats for `axolotl train`
+      m1 eval --model DIR --benchmark SPEC --n 4 --out DIR # sample, grade with math-verify, pass@k / maj@k
+      m1 tts --results DIR --out DIR                       # accuracy vs samples / time budget / length, plots
+      m1 demo                                              # the main job on the CPU-sized default
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -191,6 +196,9 @@ def demo(workdir, num_attn_layers, size):
     click.echo(table)
     click.echo(f"report written to {workdir / 'report.md'}")
 
+
+main.add_command(eval_command)
+main.add_command(tts_command)
 
 if __name__ == "__main__":
     main()

@@ -7,13 +7,14 @@ Rules:
   incorrect and counted apart (the no-box fraction), never silently folded into the accuracy.
 - Answers and ground truths are compared by math-verify (`verify(parse(gold), parse(answer))`), both
   parsed as inline LaTeX (`$...$`), so `\\dfrac{1}{2}`, `\\frac12`, `1/2` and `0.5` are equal, as are
-  `[1,2)` written either way, `x=3` and `3`, `10\\%` and `10`. A string math-verify cannot parse (the
+  `(-\\infty, 3]` and `(-\\infty,3]`, `x=3` and `3`, `10\\%` and `10`. A string math-verify cannot parse (the
   empty `\\boxed{}`, free text) equals only the same string (whitespace-stripped).
 """
 
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 BOX_OPEN = "\\boxed{"
 EVAL_INSTALL = 'pip install "m1-plugins[eval]"'
@@ -29,8 +30,7 @@ class Box:
     content: str | None
 
 
-@dataclass(frozen=True)
-class Grade:
+class Grade(NamedTuple):
     """answer: content of the last box, None without a (closed) last box; correct: math-verify's verdict."""
 
     answer: str | None

@@ -2,7 +2,7 @@
 
     OUT/settings.json           what was asked (models, benchmarks, sampling); a restart must match it
     OUT/summary.json, .md       every model x benchmark row (metrics.summarize + timing)
-    OUT/LABEL/samples.jsonl     one record per sample (SAMPLE_FIELDS), appended problem by problem
+    OUT/LABEL/samples.jsonl     one record per sample (SAMPLE_FIELDS), appended a chunk of problems at a time
     OUT/LABEL/timing.json       {"wall_seconds": s, "generation_seconds": {benchmark: s}}, cumulative over restarts
     OUT/LABEL/summary.json      this model's rows
 

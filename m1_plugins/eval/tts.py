@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .grading import EVAL_INSTALL
 from .metrics import group_by_problem, majority_at_k, mean_ci, pass_at_k, powers_of_two
-from .results import SAMPLES_FILE, SETTINGS_FILE, TIMING_FILE, model_labels, read_records
+from .results import SAMPLES_FILE, SETTINGS_FILE, model_labels, read_records, read_timing
 
 COLUMNS = ("model", "metric", "k", "x", "accuracy", "ci_low", "ci_high")
 
@@ -56,7 +56,7 @@ def load_results(path: Path) -> list[ModelResults]:
         records = read_records(run_dir / label, settings["n"])
         if not records:
             raise ValueError(f"{run_dir / label} has no complete problems yet; run `m1 eval` first.")
-        results.append(ModelResults(label, settings, records, json.loads((run_dir / label / TIMING_FILE).read_text())))
+        results.append(ModelResults(label, settings, records, read_timing(run_dir / label)))
     return results
 
 
@@ -119,6 +119,7 @@ def write_curve(rows: list[dict], stem: Path, xlabel: str, title: str, log_x: bo
         raise ImportError(f"Plots need matplotlib. Install: {EVAL_INSTALL}") from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -139,6 +140,8 @@ def write_curve(rows: list[dict], stem: Path, xlabel: str, title: str, log_x: bo
             ax.fill_between(xs, [100 * r["ci_low"] for r in points], [100 * r["ci_high"] for r in points], color=color, alpha=0.12)
     if log_x:
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_ylim(0, max(1.0, 110 * max(r["ci_high"] for r in rows)))  # an all-zero curve still shows its axis
     ax.set(xlabel=xlabel, ylabel="accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
