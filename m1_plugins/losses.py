@@ -5,7 +5,7 @@ divided by `normalizer` (default: the number of unmasked tokens here). Pass the 
 accumulated / data-parallel batch as `normalizer` (the HF Trainer's `num_items_in_batch`) to make the
 mean global: then micro-batches add up to exactly the loss of the concatenated batch.
 
-Memory: with `chunk_size`, tokens are processed in chunks under activation checkpointing, so fp32
+Memory: with `chunk_size`, tokens are processed in chunks (with an analytic, chunked backward), so fp32
 full-vocabulary tensors exist for one chunk at a time, in the forward and in the backward pass.
 `kl_divergence_from_hidden` also fuses the LM heads, so no full-row logits exist at all.
 """
@@ -17,14 +17,17 @@ from torch.utils.checkpoint import checkpoint
 DIRECTIONS = ("reverse", "forward")
 
 
-def _kl_sum(student_logits, teacher_logits, direction: str, temperature: float) -> torch.Tensor:
-    """Sum over tokens of KL between softmax(logits / T). Shape: (tokens, vocab) each -> scalar."""
+def _kl_sum(student_logits, teacher_logits, direction: str, temperature: float, weights=None) -> torch.Tensor:
+    """Sum over tokens (weighted by `weights`, (tokens,), if given) of KL between softmax(logits / T).
+    Shape: (tokens, vocab) each -> scalar."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # fp32 (fp64 stays fp64, for gradcheck)
     log_p_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     if direction == "reverse":  # KL(student || teacher): mode-seeking, the paper's choice
-        return (log_p_s.exp() * (log_p_s - log_p_t)).sum()
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum()  # forward: KL(teacher || student)
+        per_token = (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
+    else:  # forward: KL(teacher || student)
+        per_token = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return per_token.sum() if weights is None else (per_token * weights).sum()
 
 
 def _check(direction, temperature):
@@ -48,25 +51,60 @@ def _normalise(total, n_tokens, normalizer):
     return total / max(float(denominator), 1.0)
 
 
+class _ChunkedKL(torch.autograd.Function):
+    """Sum of per-token KL over token chunks, with an analytic backward written chunk by chunk into one gradient
+    buffer: besides that buffer only one chunk's fp32 tensors exist at a time (autograd through slices would
+    allocate a full-size gradient per chunk)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, weights, direction, temperature, chunk_size):
+        ctx.save_for_backward(student, teacher, weights)
+        ctx.direction, ctx.temperature, ctx.chunk_size = direction, temperature, chunk_size
+        total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
+        for start in range(0, student.shape[0], chunk_size):
+            end = start + chunk_size
+            total += _kl_sum(student[start:end], teacher[start:end], direction, temperature, weights[start:end])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        student, teacher, weights = ctx.saved_tensors
+        grad = torch.empty_like(student)
+        dtype = torch.promote_types(student.dtype, torch.float32)
+        for start in range(0, student.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            log_p_s = F.log_softmax(student[start:end].to(dtype) / ctx.temperature, dim=-1)
+            log_p_t = F.log_softmax(teacher[start:end].to(dtype) / ctx.temperature, dim=-1)
+            p_s = log_p_s.exp()
+            if ctx.direction == "reverse":  # d/dz sum p_s (log p_s - log p_t) = p_s * (diff - E_{p_s}[diff])
+                diff = log_p_s - log_p_t
+                g = p_s * (diff - (p_s * diff).sum(-1, keepdim=True))
+            else:  # d/dz sum p_t (log p_t - log p_s) = p_s - p_t
+                g = p_s - log_p_t.exp()
+            scale = weights[start:end, None].to(dtype) * (grad_total / ctx.temperature)
+            grad[start:end] = (g * scale).to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
 def kl_divergence(student_logits, teacher_logits, mask=None, direction="reverse", temperature=1.0,
                   chunk_size=None, normalizer=None) -> torch.Tensor:
     """Mean per-token KL between student and teacher next-token distributions.
 
     Shape: student_logits, teacher_logits (..., vocab) with the same leading shape; mask (...), nonzero where
     a token counts. The teacher side gets no gradient. No T^2 factor is applied (the paper uses T = 1).
+    With `chunk_size`, the loss and its gradient are computed that many tokens at a time.
     """
     _check(direction, temperature)
-    student, teacher = _select(mask, student_logits, teacher_logits.detach())
-    n_tokens = student.shape[0]
+    # masked tokens are weighted by 0 rather than gathered out: a gather would copy the logits, and its
+    # backward would allocate a full-size gradient
+    student = student_logits.reshape(-1, student_logits.shape[-1])
+    teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    weights = torch.ones(student.shape[0], device=student.device) if mask is None else mask.reshape(-1).float()
     if chunk_size is None:
-        total = _kl_sum(student, teacher, direction, temperature)
+        total = _kl_sum(student, teacher, direction, temperature, weights)
     else:
-        total = student.new_zeros((), dtype=torch.promote_types(student.dtype, torch.float32))
-        for start in range(0, n_tokens, chunk_size):
-            end = start + chunk_size
-            total = total + checkpoint(_kl_sum, student[start:end], teacher[start:end], direction, temperature,
-                                       use_reentrant=False)
-    return _normalise(total, n_tokens, normalizer)
+        total = _ChunkedKL.apply(student, teacher, weights, direction, temperature, chunk_size)
+    return _normalise(total, weights.sum(), normalizer)
 
 
 def _fused_chunk(student_hidden, student_weight, teacher_hidden, teacher_weight, direction, temperature):
