@@ -17,7 +17,7 @@ class M1Args(BaseModel):
     m1_kl_direction: Literal["reverse", "forward"] = Field(
         default="reverse", description="reverse = KL(student || teacher), the paper's mode-seeking choice.")
     m1_kl_temperature: float = Field(default=1.0, gt=0.0, description="Softmax temperature of both models in the KL.")
-    m1_loss_chunk_size: int = Field(default=1024, gt=0, description="Tokens per chunk of the KL: bounds its fp32 memory.")
+    m1_loss_chunk_size: int = Field(default=512, gt=0, description="Tokens per chunk of the KL: bounds its fp32 memory.")
     m1_teacher_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         default=None, description="dtype of the frozen teacher; default: the student's.")
 
@@ -45,7 +45,7 @@ class M1TrainingArgsMixin:
     m1_ce_weight: float = 0.0
     m1_kl_direction: str = "reverse"
     m1_kl_temperature: float = 1.0
-    m1_loss_chunk_size: int = 1024
+    m1_loss_chunk_size: int = 512
     m1_teacher_dtype: str | None = None
 
 
