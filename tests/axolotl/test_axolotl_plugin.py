@@ -108,3 +108,18 @@ def test_axolotl_distillation_and_sft_runs(tiny_pair):
 def test_axolotl_refuses_bad_m1_keys(tiny_pair):
     proc, _ = axolotl_train(tiny_pair, "bad", m1_kl_direction="sideways")
     assert proc.returncode != 0 and "m1_kl_direction" in proc.stdout + proc.stderr
+
+
+def test_interrupted_distillation_resumes_with_the_teacher(tiny_pair):
+    """A run stopped after 2 steps (its checkpoint kept) is continued by the same command with a later max_steps:
+    Axolotl resumes from the checkpoint, and our trainer re-attaches the teacher (the KL is still computed)."""
+    proc, out = axolotl_train(tiny_pair, "resume", max_steps=2, save_steps=1, auto_resume_from_checkpoints=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    proc, out = axolotl_train(tiny_pair, "resume", max_steps=3, save_steps=1, auto_resume_from_checkpoints=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "m1 distillation: teacher" in log
+    assert "resume from checkpoint at" in log and "checkpoint-2" in log
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]  # steps 1-2 come from the first run
