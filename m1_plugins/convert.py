@@ -202,7 +202,7 @@ def convert_hybrid_dir(teacher_dir, out_dir, attn_layers=None, num_attn_layers=N
     Returns `conversion_summary` plus the time taken."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .utils import atomic_output_dir
+    from .utils import atomic_output_dir, refuse_existing
 
     start = time.perf_counter()
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
@@ -214,17 +214,15 @@ def convert_hybrid_dir(teacher_dir, out_dir, attn_layers=None, num_attn_layers=N
     if attn_layers is None:
         attn_layers = spaced_attn_layers(teacher_config.num_hidden_layers, num_attn_layers)
     mixer_options = {} if d_state is None else {"mamba_d_state": d_state}
-    if (Path(out_dir).exists() and not overwrite):
-        raise FileExistsError(f"{out_dir} already exists; choose another path or pass --overwrite to replace it.")
+    refuse_existing(out_dir, overwrite)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype)
     tokenizer = None
     if (Path(teacher_dir) / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     else:
         logger.warning("%s has no tokenizer; the hybrid is written without one (copy it over before training).", teacher_dir)
-    teacher_parameters = teacher.num_parameters()
     hybrid = convert_to_hybrid(teacher, attn_layers, layout, xb_expansion, seed=seed, share_weights=True, **mixer_options)
-    summary = conversion_summary(teacher, hybrid) | {"teacher_parameters": teacher_parameters}
+    summary = conversion_summary(teacher, hybrid)
     del teacher
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         hybrid.save_pretrained(tmp)

@@ -6,6 +6,12 @@ import tempfile
 from pathlib import Path
 
 
+def refuse_existing(out_dir, overwrite: bool = False) -> None:
+    """Fail early (before any expensive work) when `out_dir` exists and may not be replaced."""
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose another path or pass --overwrite to replace it.")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir, overwrite: bool = False):
     """Yield a temporary directory next to `out_dir`; move it into place only if the block succeeds.
@@ -13,9 +19,8 @@ def atomic_output_dir(out_dir, overwrite: bool = False):
     A crash (or Ctrl-C) never leaves a half-written `out_dir`. An existing `out_dir` is refused unless
     `overwrite`, and is replaced only after the new one is complete.
     """
+    refuse_existing(out_dir, overwrite)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose another path or pass --overwrite to replace it.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
