@@ -42,6 +42,7 @@ class M1HybridCache:
     """
 
     is_compileable = False
+    cu_seqlens = None  # one sequence per row (the rollout engine's cache packs several into one row)
 
     def __init__(self, config, batch_size: int, dtype: torch.dtype, device):
         shapes = state_shapes(config, batch_size)
@@ -62,6 +63,11 @@ class M1HybridCache:
             value_states = torch.cat([self.value_cache[layer_idx], value_states], dim=-2)
         self.key_cache[layer_idx], self.value_cache[layer_idx] = key_states, value_states
         return key_states, value_states
+
+    def store_mamba_states(self, layer_idx: int, conv_state, ssm_state):
+        """Keep a Mamba layer's state after a multi-token forward."""
+        self.conv_states[layer_idx].copy_(conv_state)
+        self.ssm_states[layer_idx].copy_(ssm_state)
 
     def get_seq_length(self, layer_idx: int | None = None) -> int:
         return self._seen_tokens

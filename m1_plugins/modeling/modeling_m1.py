@@ -17,7 +17,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from ..ops import causal_conv1d, causal_conv1d_update, resolve_backend, rmsnorm_gated, ssd_chunk_scan, ssd_step
+from ..ops import (
+    causal_conv1d, causal_conv1d_update, last_conv_inputs, resolve_backend, rmsnorm_gated, ssd_chunk_scan, ssd_step,
+)
 from .cache import M1HybridCache
 from .configuration_m1 import M1Config
 from .packing import attention_bias, position_ids_from_seq_idx, seq_idx_from_cu_seqlens, seq_idx_from_position_ids
@@ -108,12 +110,13 @@ class M1Mamba2Mixer(nn.Module):
             y = y.view(batch, 1, self.d_inner)
         else:
             continuing = cache is not None and cache.has_previous_state
-            conv_init = cache.conv_states[self.layer_idx].clone() if continuing else None  # overwritten below
+            # a cache with `cu_seqlens` (the rollout engine) takes one packed row of new sequences: one state each
+            cu_seqlens = getattr(cache, "cu_seqlens", None)
+            conv_init = cache.conv_states[self.layer_idx] if continuing else None
             xBC_t = xBC.transpose(1, 2)  # (b, conv_dim, l)
-            if cache is not None:  # keep the last d_conv - 1 inputs for the next step
+            if cache is not None:  # the last d_conv - 1 inputs, for the next step
                 history = xBC_t if conv_init is None else torch.cat([conv_init.to(xBC_t.dtype), xBC_t], dim=-1)
-                width = self.conv1d.kernel_size[0] - 1
-                cache.conv_states[self.layer_idx].copy_(F.pad(history, (max(0, width - history.shape[-1]), 0))[..., -width:])
+                conv_state = last_conv_inputs(history, self.conv1d.kernel_size[0], cu_seqlens)
             xBC = causal_conv1d(xBC_t, conv_weight, self.conv1d.bias, seq_idx=seq_idx, initial_states=conv_init,
                                 backend=backend).transpose(1, 2)
             if token_mask is not None:
@@ -124,10 +127,10 @@ class M1Mamba2Mixer(nn.Module):
                 B.reshape(batch, seqlen, self.n_groups, self.d_state), C.reshape(batch, seqlen, self.n_groups, self.d_state),
                 self.config.mamba_chunk_size if backend == "cuda" else REFERENCE_CHUNK_SIZE,
                 initial_states=cache.ssm_states[self.layer_idx] if continuing else None,
-                seq_idx=seq_idx, **ssm_args,
+                seq_idx=seq_idx, cu_seqlens=cu_seqlens, **ssm_args,
             )
             if cache is not None:
-                cache.ssm_states[self.layer_idx].copy_(final_state)
+                cache.store_mamba_states(self.layer_idx, conv_state, final_state)
             y = y.reshape(batch, seqlen, self.d_inner)
         return self.out_proj(self.norm(y, z, backend=backend))
 
@@ -194,7 +197,8 @@ class M1Model(M1PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, cu_seqlens=None, **kwargs) -> BaseModelOutputWithPast:
         """attention_mask: (batch, past + seqlen), 0 at padding (nonzero document ids also count as valid).
-        Packed rows: `position_ids` restarting at 0 per document, or `cu_seqlens` for a (1, total) row."""
+        Packed rows: `position_ids` restarting at 0 per document, or `cu_seqlens` for a (1, total) row.
+        Other keyword arguments reach the attention function (transformers' convention)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -236,7 +240,8 @@ class M1Model(M1PreTrainedModel):
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings=position_embeddings, attention_mask=mask,
-                                  seq_idx=seq_idx, token_mask=token_mask, past_key_values=past_key_values, **attn_kwargs)
+                                  seq_idx=seq_idx, token_mask=token_mask, past_key_values=past_key_values,
+                                  **attn_kwargs, **kwargs)
         if past_key_values is not None:
             past_key_values.advance(seqlen)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
@@ -258,7 +263,7 @@ class M1ForCausalLM(M1PreTrainedModel, GenerationMixin):
         """`cu_seqlens` is a named parameter because VeRL passes it only to models that declare it."""
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             cu_seqlens=cu_seqlens)
+                             cu_seqlens=cu_seqlens, **kwargs)
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])

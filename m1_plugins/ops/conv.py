@@ -72,6 +72,17 @@ def causal_conv1d_by_documents(x, weight, bias=None, seq_idx=None, activation="s
     return _activate(out, activation)
 
 
+def last_conv_inputs(x, width: int, cu_seqlens=None):
+    """The conv state after `x` (batch, dim, seqlen): its last `width - 1` inputs, zeros in front of a short
+    sequence. With `cu_seqlens` (a packed row, batch 1): one state per document, (n_docs, dim, width - 1)."""
+    if cu_seqlens is None:
+        return F.pad(x, (width - 1, 0))[..., x.shape[-1]:]
+    starts, ends = cu_seqlens[:-1, None], cu_seqlens[1:, None]
+    idx = ends - (width - 1) + torch.arange(width - 1, device=x.device)  # (n_docs, width-1) positions in the row
+    window = x[0][:, idx.clamp(min=0)].permute(1, 0, 2)  # (n_docs, dim, width-1)
+    return window * (idx >= starts)[:, None, :].to(x.dtype)  # inputs before a document's start are zeros
+
+
 def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, activation="silu", backend="reference"):
     """On CUDA: causal-conv1d's kernel when installed, else `causal_conv1d_by_documents`; the reference
     elsewhere and whenever a cached `initial_states` is continued."""

@@ -103,6 +103,21 @@ def ssd_chunk_scan_ref(
     return y.to(x.dtype), final_states
 
 
+def ssd_varlen_states_ref(x, dt, A, B, cu_seqlens, dt_bias=None, dt_softplus=True, dt_limit=(0.0, math.inf)):
+    """Final state of every document of a packed row (batch 1), (n_docs, nheads, headdim, dstate) fp32:
+    h_end = sum_t exp(sum_{s=t+1..end} dt_s A) dt_t x_t B_t^T over the document's tokens (zero initial state).
+    The decays come from an fp64 cumsum, so long rows lose nothing to cancellation."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    rep = x.shape[2] // B.shape[2]
+    dt = _discretize_dt(dt[0], dt_bias, dt_softplus, dt_limit, dtype)  # (l, h)
+    cum = (dt.double() * A.double()).cumsum(0)  # (l, h)
+    doc = torch.arange(len(cu_seqlens) - 1, device=x.device).repeat_interleave((cu_seqlens[1:] - cu_seqlens[:-1]).long())
+    decay = torch.exp(cum[cu_seqlens[1:].long() - 1][doc] - cum).to(dtype)  # (l, h): decay from t to its document's end
+    one_hot = F.one_hot(doc, len(cu_seqlens) - 1).to(dtype)  # (l, n_docs)
+    B = B[0].to(dtype).repeat_interleave(rep, dim=1)  # (l, h, n)
+    return torch.einsum("ld,lh,lhp,lhn->dhpn", one_hot, decay * dt, x[0].to(dtype), B)
+
+
 def ssd_step_ref(
     state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, dt_limit=(0.0, math.inf),
 ):
@@ -127,17 +142,22 @@ def ssd_step_ref(
 
 def ssd_chunk_scan(
     x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_limit=(0.0, math.inf),
-    initial_states=None, seq_idx=None, backend="reference",
+    initial_states=None, seq_idx=None, cu_seqlens=None, backend="reference",
 ):
-    """`ssd_chunk_scan_ref` (softplus on) or mamba-ssm's `mamba_chunk_scan_combined`."""
+    """`ssd_chunk_scan_ref` (softplus on) or mamba-ssm's `mamba_chunk_scan_combined`. Returns (y, final_states);
+    given `cu_seqlens` (a packed row of batch 1), final_states holds one state per document (n_docs, ...)."""
     if backend == "cuda":
         return load_kernels().chunk_scan(
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states,
             seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous(),
-            dt_softplus=True, dt_limit=dt_limit, return_final_states=True,
+            dt_softplus=True, dt_limit=dt_limit, return_final_states=cu_seqlens is None,
+            cu_seqlens=cu_seqlens, return_varlen_states=cu_seqlens is not None,
         )
-    return ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_limit=dt_limit,
-                              initial_states=initial_states, seq_idx=seq_idx)
+    y, final_states = ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_limit=dt_limit,
+                                         initial_states=initial_states, seq_idx=seq_idx)
+    if cu_seqlens is not None:
+        final_states = ssd_varlen_states_ref(x, dt, A, B, cu_seqlens, dt_bias=dt_bias, dt_limit=dt_limit)
+    return y, final_states
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0, math.inf), backend="reference"):
