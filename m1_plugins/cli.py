@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .eval.cli import eval_command, tts_command
+from .verl.data import verl_data_command
 
 logger = logging.getLogger("m1_plugins")
 
@@ -199,6 +200,7 @@ def demo(workdir, num_attn_layers, size):
 
 main.add_command(eval_command)
 main.add_command(tts_command)
+main.add_command(verl_data_command)
 
 if __name__ == "__main__":
     main()
