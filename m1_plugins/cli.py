@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .eval.cli import eval_command, tts_command
+from .rollout.bench import bench_command
 from .verl.data import verl_data_command
 
 logger = logging.getLogger("m1_plugins")
@@ -198,6 +199,7 @@ def demo(workdir, num_attn_layers, size):
     click.echo(f"report written to {workdir / 'report.md'}")
 
 
+main.add_command(bench_command)
 main.add_command(eval_command)
 main.add_command(tts_command)
 main.add_command(verl_data_command)

@@ -15,6 +15,7 @@ import heapq
 import itertools
 import logging
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -54,6 +55,8 @@ class EngineStats:
     preemptions: int = 0
     max_running: int = 0
     num_blocks: int = 0
+    prefill_seconds: float = 0.0  # wall time of prefill / decode steps (each ends in a device sync: sampling)
+    decode_seconds: float = 0.0
 
 
 @dataclass(eq=False)
@@ -269,11 +272,14 @@ class M1Engine:
         """One prefill of newly admitted sequences, or else one decode step of all running ones."""
         if self.state is None:
             raise RuntimeError("the engine is asleep: call wake_up() first")
+        start = time.perf_counter()
         groups = self._admit()
         if groups:
             self._prefill(groups)
+            self.stats.prefill_seconds += time.perf_counter() - start
         elif self.running:
             self._decode()
+            self.stats.decode_seconds += time.perf_counter() - start
         elif self.waiting:
             raise RuntimeError("a waiting request can never be admitted (checked at submission): engine bug")
         self.stats.max_running = max(self.stats.max_running, len(self.running))

@@ -1,0 +1,211 @@
+"""`m1 bench`: generation throughput of the M1 engine, hybrid vs Transformer on the same engine.
+
+Random weights in the Llama-3.2-3B shape: the M1 hybrid (6 attention layers of 28) and the all-attention model
+(every layer attention: Llama-3.2-3B's computation, run by the same engine, so the comparison is of the
+architectures, not of two code bases). Each point: `batch` prompts of `prompt_len` random tokens, greedy,
+`ignore_eos`, `gen_len` new tokens each; warm-up runs first, then the mean of the timed runs.
+
+Reported per point: generated tokens/s (batch x gen_len / wall time of `generate`, prefill included), ms per
+decode step, the concurrency the KV pool allowed, peak memory, and the bytes a decode step must move (weights once,
+Mamba states read + written, KV of the whole context read, one token of KV written) with the fraction of the
+GPU's HBM bandwidth that reaches (roofline = bytes per step / step time / peak bandwidth).
+"""
+
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from ..benchmarking import ATTN_LAYERS_3B, ATTN_LAYERS_TINY, SHAPE_3B, SHAPE_TINY, hardware, mixer_layout, versions
+from .engine import M1Engine
+from .sampling import SamplingParams
+from .state import PagedHybridState
+
+# peak HBM bandwidth (bytes/s) by GPU name; override with --peak-bandwidth
+PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+MODELS = ("m1", "aligned", "llama")
+
+
+def bench_config(name: str, tiny: bool, device):
+    from ..modeling import M1Config
+
+    shape = SHAPE_TINY if tiny else SHAPE_3B
+    layers = list(range(shape["num_hidden_layers"])) if name == "llama" else ATTN_LAYERS_TINY if tiny else ATTN_LAYERS_3B
+    layout = {} if name == "llama" else mixer_layout(name, shape)
+    return M1Config(**shape, attn_layers=layers, mamba_kernels="cuda" if device.type == "cuda" else "reference", **layout)
+
+
+def build(name, tiny, device, dtype):
+    from ..modeling import M1ForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return M1ForCausalLM(bench_config(name, tiny, device)).to(dtype).eval()
+
+
+def bytes_per_step(model, batch: int, context: float) -> dict:
+    """Minimum HBM traffic of one decode step at a mean context length."""
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = 2 * batch * PagedHybridState.bytes_per_slot(c, model.dtype)  # read + write
+    kv_token = PagedHybridState.bytes_per_block(c, 1, model.dtype)
+    kv = batch * kv_token * (context + 1)  # the context read, one token written
+    return {"weights": weights, "state": state, "kv": kv, "total": weights + state + kv}
+
+
+def peak_bandwidth_for(device, override):
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
+
+
+def run_point(engine, batch, prompt_len, gen_len, runs, vocab):
+    generator = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(0, vocab, (batch, prompt_len), generator=generator).tolist()
+    sampling = SamplingParams(temperature=0, max_tokens=gen_len, ignore_eos=True, logprobs=False)
+    results = []
+    for _ in range(runs):
+        stats_before = dict(vars(engine.stats))
+        engine.stats.max_running = 0
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = engine.generate(prompts, sampling)
+        seconds = time.perf_counter() - start
+        assert all(len(o.samples[0].token_ids) == gen_len for o in outputs)
+        s = engine.stats
+        results.append({
+            "seconds": seconds, "decode_s": s.decode_seconds - stats_before["decode_seconds"],
+            "decode_steps": s.decode_steps - stats_before["decode_steps"], "max_running": s.max_running,
+            "preemptions": s.preemptions - stats_before["preemptions"],
+        })
+    return results
+
+
+def bench_model(name, args, progress):
+    device, dtype = args["device"], args["dtype"]
+    model = build(name, args["tiny"], device, dtype)
+    max_len = args["prompt_len"] + max(args["gen_lens"])
+    t0 = time.perf_counter()
+    engine = M1Engine(model, max_num_seqs=max(args["batch_sizes"]), max_model_len=max_len,
+                      gpu_memory_utilization=args["gpu_memory_utilization"], kv_cache_tokens=args["kv_cache_tokens"])
+    setup_s = time.perf_counter() - t0
+    capacity = (engine.stats.num_blocks - 1) * engine.block_size
+    rows = []
+    for batch, gen_len in args["points"]:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        warm = run_point(engine, batch, args["prompt_len"], min(gen_len, args["warmup_len"]), args["warmup"], model.config.vocab_size)
+        timed = run_point(engine, batch, args["prompt_len"], gen_len, args["repeats"], model.config.vocab_size)
+        seconds = statistics.mean(r["seconds"] for r in timed)
+        step_s = statistics.mean(r["decode_s"] / r["decode_steps"] for r in timed)
+        concurrency = max(r["max_running"] for r in timed)
+        traffic = bytes_per_step(model, concurrency, args["prompt_len"] + gen_len / 2)
+        row = {
+            "model": name, "batch": batch, "gen_len": gen_len, "tokens_per_s": batch * gen_len / seconds,
+            "seconds": [round(r["seconds"], 3) for r in timed], "ms_per_step": 1e3 * step_s,
+            "max_running": concurrency, "preemptions": sum(r["preemptions"] for r in timed),
+            "gb_per_step": traffic["total"] / 1e9, "traffic_gb": {k: round(v / 1e9, 3) for k, v in traffic.items()},
+            "warmup_s": [round(r["seconds"], 2) for r in warm],
+        }
+        if args["peak_bandwidth"]:
+            row["roofline"] = traffic["total"] / step_s / args["peak_bandwidth"]
+        if device.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        rows.append(row)
+        progress(row)
+    info = {"model": name, "params": sum(p.numel() for p in model.parameters()), "setup_s": round(setup_s, 1),
+            "kv_capacity_tokens": capacity, "graph_captures": engine.stats.graph_captures,
+            "state_bytes_per_seq": PagedHybridState.bytes_per_slot(model.config, dtype),
+            "kv_bytes_per_token": PagedHybridState.bytes_per_block(model.config, 1, dtype)}
+    del engine, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return info, rows
+
+
+def markdown(report) -> str:
+    s, hw = report["settings"], report["hardware"]
+    lines = [f"Generation throughput, M1 engine, {hw.get('gpu', hw.get('cpu'))}, {s['dtype']}, greedy, ignore_eos, "
+             f"prompt {s['prompt_len']}, {s['warmup']} warm-up run(s) of {s['warmup_len']} tokens then the mean of "
+             f"{s['repeats']} timed run(s); shape {s['shape']}, random weights.", "",
+             "| model | batch | gen len | tokens/s | ms/step | concurrent | GB/step | roofline | peak mem GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        roof = f"{r['roofline']:.0%}" if "roofline" in r else "-"
+        mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['gen_len']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} "
+                     f"| {r['max_running']} | {r['gb_per_step']:.2f} | {roof} | {mem} |")
+    lines += [""] + [f"- {m['model']}: {m['params'] / 1e9:.3f}B params, KV pool {m['kv_capacity_tokens']:,} tokens, "
+                     f"{m['kv_bytes_per_token']:,} KV bytes/token, {m['state_bytes_per_seq']:,} Mamba-state bytes/sequence, "
+                     f"{m['graph_captures']} CUDA graphs, setup {m['setup_s']} s" for m in report["models"]]
+    v = report["versions"]
+    lines += ["", f"torch {v['torch']}, transformers {v['transformers']}, triton {v['triton']}, mamba_ssm {v['mamba_ssm']}, "
+                  f"m1_plugins {v['m1_plugins']}, commit {v.get('git_commit')}."]
+    return "\n".join(lines) + "\n"
+
+
+def _ints(value):
+    return [int(v) for v in value.split(",") if v.strip()]
+
+
+@click.command("bench")
+@click.option("--models", default="m1,llama", show_default=True, help=f"Comma-separated subset of {', '.join(MODELS)} "
+              "(m1: the paper's mixer; aligned: the head-aligned mixer; llama: every layer attention).")
+@click.option("--batch-sizes", default="8,16,32,64,128,256,512", show_default=True, help="Batch sweep at --gen-len.")
+@click.option("--gen-len", type=int, default=4096, show_default=True, help="New tokens per sequence in the batch sweep.")
+@click.option("--length-batch", type=int, default=128, show_default=True, help="Batch of the generation-length sweep.")
+@click.option("--gen-lens", default="", help="Generation-length sweep at --length-batch, e.g. 1024,2048,...,32768 "
+              "(empty: none).")
+@click.option("--prompt-len", type=int, default=256, show_default=True)
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed runs per point.")
+@click.option("--warmup-len", type=int, default=4096, show_default=True, help="New tokens of a warm-up run "
+              "(shorter warm-ups still compile every kernel and fill every graph bucket).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per point (mean reported).")
+@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True)
+@click.option("--kv-cache-tokens", type=int, help="Fix the KV pool size instead of planning it from free memory.")
+@click.option("--peak-bandwidth", type=float, help="HBM bytes/s for the roofline (default: from the GPU's name).")
+@click.option("--tiny", is_flag=True, help="A tiny model of the same structure (CPU smoke test).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="JSON report (and .md next to it).")
+def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_len, warmup, warmup_len, repeats,
+                  gpu_memory_utilization, kv_cache_tokens, peak_bandwidth, tiny, out):
+    """Tokens/s of the generation engine: the M1 hybrid vs the all-attention model, same engine, same harness."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if unknown := [m for m in names if m not in MODELS]:
+        raise click.BadParameter(f"unknown models {unknown}; choose from {', '.join(MODELS)}", param_hint="--models")
+    points = [(b, gen_len) for b in _ints(batch_sizes)] + [(length_batch, g) for g in _ints(gen_lens)]
+    args = dict(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, tiny=tiny,
+                prompt_len=prompt_len, points=points, batch_sizes=[b for b, _ in points], gen_lens=[g for _, g in points],
+                warmup=warmup, warmup_len=warmup_len, repeats=repeats, gpu_memory_utilization=gpu_memory_utilization,
+                kv_cache_tokens=kv_cache_tokens, peak_bandwidth=peak_bandwidth_for(device, peak_bandwidth))
+    report = {"hardware": hardware(device), "versions": versions(), "results": [], "models": [],
+              "settings": {"shape": "tiny" if tiny else "Llama-3.2-3B", "dtype": str(args["dtype"]).split(".")[-1],
+                           "prompt_len": prompt_len, "points": points, "warmup": warmup, "warmup_len": warmup_len,
+                           "repeats": repeats, "gpu_memory_utilization": gpu_memory_utilization,
+                           "peak_bandwidth": args["peak_bandwidth"]}}
+    from tqdm import tqdm
+
+    with tqdm(total=len(names) * len(points), desc="bench", unit="point") as bar:
+        def progress(row):
+            bar.update(1)
+            bar.write(f"{row['model']:8s} batch {row['batch']:4d} gen {row['gen_len']:6d}: "
+                      f"{row['tokens_per_s']:10,.0f} tok/s, {row['ms_per_step']:.2f} ms/step")
+        for name in names:
+            info, rows = bench_model(name, args, progress)
+            report["models"].append(info)
+            report["results"] += rows
+            if out:  # after every model: an interrupted run keeps what it measured
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(report, indent=1))
+                out.with_suffix(".md").write_text(markdown(report))
+    click.echo(markdown(report))
+
