@@ -209,3 +209,7 @@ def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_l
                 out.with_suffix(".md").write_text(markdown(report))
     click.echo(markdown(report))
 
+
+
+if __name__ == "__main__":
+    bench_command()
