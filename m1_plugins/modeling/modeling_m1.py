@@ -9,7 +9,6 @@ forward into `seq_idx` (Mamba) and a block-diagonal causal mask (attention).
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
