@@ -39,9 +39,12 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=512, help="prompt length of the sequences being decoded")
     p.add_argument("--kernels", type=int, default=25, help="kernels to list")
+    p.add_argument("--no-compile", action="store_true", help="decode with the plain (uncompiled) model")
     args = p.parse_args()
     model = build(args.model, False, torch.device("cuda"), torch.bfloat16)
-    engine = M1Engine(model, max_num_seqs=args.batch, max_model_len=args.context + 256)
+    t0 = time.perf_counter()
+    engine = M1Engine(model, max_num_seqs=args.batch, max_model_len=args.context + 256, compile=not args.no_compile)
+    print(f"engine setup (memory plan, compile, {engine.stats.graph_captures} graph captures): {time.perf_counter() - t0:.1f} s")
     prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.context)).tolist()
     for p_ in prompts:
         engine.add_request(p_, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, logprobs=False))
@@ -59,7 +62,7 @@ def main():
     for _ in range(20):
         engine.step()
     step = (time.perf_counter() - t0) / 20 * 1e3
-    print(f"{args.model} batch {args.batch} context ~{args.context}: step {step:.2f} ms = graph replay {replay:.2f} ms"
+    print(f"{args.model}{' (not compiled)' if args.no_compile else ''} batch {args.batch} context ~{args.context}: step {step:.2f} ms = graph replay {replay:.2f} ms"
           f" + sampler {sampler:.2f} ms + host {step - replay - sampler:.2f} ms")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         engine._decode_forward(bucket)

@@ -62,7 +62,9 @@ def load_kernels() -> Optional[Kernels]:
     except ImportError:
         causal_conv1d_fn = causal_conv1d_update = None
         logger.info("causal-conv1d not installed; using m1_plugins' own boundary-aware conv on CUDA")
-    return Kernels(mamba_chunk_scan_combined, selective_state_update, rmsnorm_fn, causal_conv1d_fn, causal_conv1d_update)
+    # opaque to torch.compile (the engine compiles its decode step): dynamo cannot trace these kernels' launchers
+    kernels = (mamba_chunk_scan_combined, selective_state_update, rmsnorm_fn, causal_conv1d_fn, causal_conv1d_update)
+    return Kernels(*(None if k is None else torch.compiler.disable(k) for k in kernels))
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:

@@ -49,6 +49,7 @@ def _decode_kernel(Q, K, V, BT, CL, O, M, L, scale_log2,
     tl.store(L + b * stride_mb + split * stride_ms + heads, l_i, mask=g < GROUP)
 
 
+@torch.compiler.disable  # a plain kernel launch inside the engine's compiled decode step
 def paged_decode_attention_triton(query, k_pool, v_pool, block_tables, context_lens, scale):
     batch, num_heads, head_dim = query.shape
     _, kv_heads, block_size, _ = k_pool.shape

@@ -88,7 +88,8 @@ class _Sequence:
 class M1Engine:
     def __init__(self, model: M1ForCausalLM, *, max_num_seqs: int = 256, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 8192, block_size: int = 64, kv_cache_tokens: int | None = None,
-                 gpu_memory_utilization: float = 0.9, cuda_graphs: bool | None = None, eos_token_id=None):
+                 gpu_memory_utilization: float = 0.9, cuda_graphs: bool | None = None, compile: bool | None = None,
+                 eos_token_id=None):
         if not isinstance(model, M1ForCausalLM):
             raise TypeError(f"M1Engine runs an M1ForCausalLM, got {type(model).__name__}. Convert a Transformer first "
                             "(`m1 convert`), or load an M1 checkpoint with AutoModelForCausalLM.")
@@ -109,6 +110,9 @@ class M1Engine:
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kv_cache_tokens, self.gpu_memory_utilization, self.cuda_graphs = kv_cache_tokens, gpu_memory_utilization, cuda_graphs
+        # torch.compile fuses the decode step's many small elementwise kernels (norms, gates, the conv update),
+        # which at decode batch sizes cost as much as the weight reads; the graphs then replay the fused kernels
+        self._decode_model = torch.compile(self.model, dynamic=True) if (cuda_graphs if compile is None else compile) else self.model
         eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple, set)) else [] if eos is None else [eos])
         self.stats = EngineStats()
@@ -129,9 +133,12 @@ class M1Engine:
             self.model.to(self.device)
         S = self.max_num_seqs
         self._max_blocks = math.ceil(self.max_model_len / self.block_size)
-        self._step_inputs = torch.zeros(4, S, dtype=torch.long, device=self.device)  # ids, positions, KV slots, context
+        # ids, positions, KV slots, context lengths (graph inputs), then the running sequences' slots (sampler rows)
+        self._step_inputs = torch.zeros(5, S, dtype=torch.long, device=self.device)
+        self._slot_sampling = torch.zeros(3, S, device=self.device)  # temperature, top_k, top_p of each slot
         self._block_tables = torch.zeros(S, self._max_blocks, dtype=torch.long, device=self.device)
         self._table_writes: list[tuple[int, int, int]] = []  # (slot, index, block) not yet on the device
+        self._slot_params: list[tuple[int, float, int, float]] = []  # sampling parameters of newly admitted slots
         num_blocks = self._plan_blocks()
         self.state = PagedHybridState(self.config, S, num_blocks, self.block_size, self.dtype, self.device)
         self.free_slots = list(range(S))
@@ -298,8 +305,10 @@ class M1Engine:
             if groups and tokens + length > self.max_num_batched_tokens:
                 break
             self.waiting.popleft()
+            sp = group[0].request.sampling
             for seq in group:
                 seq.slot, seq.order = heapq.heappop(self.free_slots), next(self._order)
+                self._slot_params.append((seq.slot, sp.temperature, sp.top_k, sp.top_p))
                 seq.blocks = [self.free_blocks.pop() for _ in range(blocks)]
                 self._table_writes += [(seq.slot, j, b) for j, b in enumerate(seq.blocks)]
             groups.append(group)
@@ -335,6 +344,12 @@ class M1Engine:
                 self._table_writes.append((seq.slot, len(seq.blocks), block))
                 seq.blocks.append(block)
 
+    def _flush_slot_params(self):
+        if self._slot_params:
+            slot, *params = torch.tensor(self._slot_params, dtype=torch.float32).T.to(self.device)
+            self._slot_sampling[:, slot.long()] = torch.stack(params)
+            self._slot_params = []
+
     def _flush_table_writes(self):
         if self._table_writes:
             slot, index, block = torch.tensor(self._table_writes, dtype=torch.long).T.to(self.device)
@@ -369,13 +384,13 @@ class M1Engine:
         rows = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(list(map(len, groups))))
         seqs = [s for g in groups for s in g]
         self.running += seqs
-        self._append_samples(seqs, logits[rows.to(self.device)])
+        self._append_samples(seqs, logits[rows.to(self.device)], torch.tensor([s.slot for s in seqs]).to(self.device))
 
     def _decode_forward(self, batch: int) -> torch.Tensor:
-        ids, positions, slot_mapping, context_lens = self._step_inputs[:, :batch]
+        ids, positions, slot_mapping, context_lens = self._step_inputs[:4, :batch]
         self.state.begin_decode(batch, slot_mapping)
         with torch.inference_mode():
-            out = self.model(input_ids=ids[:, None], position_ids=positions[:, None], past_key_values=self.state,
+            out = self._decode_model(input_ids=ids[:, None], position_ids=positions[:, None], past_key_values=self.state,
                              use_cache=True, logits_to_keep=1,
                              paged_decode=PagedDecode(self._block_tables[:batch], context_lens))
         return out.logits[:, -1]
@@ -386,14 +401,16 @@ class M1Engine:
         if not seqs:  # all preempted: the next step prefills them again
             return
         batch = next(b for b in self._buckets if b > max(s.slot for s in seqs))
-        inputs = torch.zeros(4, batch, dtype=torch.long)
+        inputs = torch.zeros(5, batch, dtype=torch.long)
         inputs[3] = 1  # empty slots: one (scratch) key, written at slot 0 of the scratch block
         pos = [len(s.tokens) - 1 for s in seqs]
+        slots = [s.slot for s in seqs]
         bs = self.block_size
-        inputs[:, [s.slot for s in seqs]] = torch.tensor([
+        inputs[:4, slots] = torch.tensor([
             [s.tokens[-1] for s in seqs], pos,
             [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, pos)], [p + 1 for p in pos],
         ])
+        inputs[4, :len(slots)] = torch.tensor(slots)
         self._step_inputs[:, :batch].copy_(inputs, non_blocking=True)
         self._flush_table_writes()
         if batch in self._graphs:
@@ -402,14 +419,15 @@ class M1Engine:
         else:
             logits = self._decode_forward(batch)
         self.stats.decode_steps += 1
-        self._append_samples(list(seqs), logits[torch.tensor([s.slot for s in seqs], device=self.device)])
+        rows = self._step_inputs[4, :len(seqs)]
+        self._append_samples(list(seqs), logits[rows], rows)
 
-    def _append_samples(self, seqs: list[_Sequence], logits: torch.Tensor):
-        sps = [s.request.sampling for s in seqs]
-        params = lambda attr, dtype: torch.tensor([getattr(sp, attr) for sp in sps], dtype=dtype, device=self.device)  # noqa: E731
+    def _append_samples(self, seqs: list[_Sequence], logits: torch.Tensor, slots: torch.Tensor):
+        """Sample the next token of `seqs` (in `slots`) from their logits rows; finish those that stop."""
+        self._flush_slot_params()
+        temperature, top_k, top_p = self._slot_sampling[:, slots]
         generators = [s.generator for s in seqs]
-        tokens, logprobs = sample(logits, params("temperature", torch.float32), params("top_k", torch.long),
-                                  params("top_p", torch.float32), generators if any(generators) else None)
+        tokens, logprobs = sample(logits, temperature, top_k, top_p, generators if any(generators) else None)
         for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
             seq.tokens.append(token)
             seq.logprobs.append(logprob)
