@@ -163,8 +163,8 @@ def test_weight_sync_in_buckets_while_asleep(model_config, m1_dir):
 def test_refusals(model_config, smollm2_dir):
     with pytest.raises(ValueError, match="runs M1 hybrids .* is a 'llama' checkpoint. Convert it first"):
         server_for(HFModelConfig(path=str(smollm2_dir)))
-    with pytest.raises(ValueError, match=r"300 tokens .* max_position_embeddings \(256\)"):
-        server_for(model_config, prompt_length=200, response_length=100)
+    with pytest.raises(ValueError, match=r"41000 tokens .* max_position_embeddings \(40960\)"):
+        server_for(model_config, prompt_length=1000, response_length=40000)
     with pytest.raises(NotImplementedError, match="tensor_model_parallel_size=1"):
         server_for(model_config, tensor_model_parallel_size=2)
     with pytest.raises(ValueError, match=r"engine_kwargs.m1 has unknown keys \['gpu_blocks'\]"):
