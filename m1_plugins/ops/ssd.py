@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import inference_ops
 from ._kernels import load_kernels
 
 
@@ -173,10 +174,9 @@ def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0, math.in
         dt_bias = torch.zeros(nheads, device=x.device, dtype=torch.float32)
     dstate = state.shape[-1]
     # stride-0 views over headdim / dstate: the kernel's "tied" fast path
-    return load_kernels().state_update(
+    return inference_ops.selective_state_update(
         state, x, dt[..., None].expand(batch, nheads, headdim),
         A[:, None, None].expand(nheads, headdim, dstate), B, C,
-        D=None if D is None else D[:, None].expand(nheads, headdim),
-        dt_bias=None if dt_bias is None else dt_bias[:, None].expand(nheads, headdim),
-        dt_softplus=softplus,
+        None if D is None else D[:, None].expand(nheads, headdim),
+        None if dt_bias is None else dt_bias[:, None].expand(nheads, headdim), softplus,
     )

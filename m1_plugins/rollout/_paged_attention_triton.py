@@ -49,8 +49,9 @@ def _decode_kernel(Q, K, V, BT, CL, O, M, L, scale_log2,
     tl.store(L + b * stride_mb + split * stride_ms + heads, l_i, mask=g < GROUP)
 
 
-@torch.compiler.disable  # a plain kernel launch inside the engine's compiled decode step
-def paged_decode_attention_triton(query, k_pool, v_pool, block_tables, context_lens, scale):
+@torch.library.custom_op("m1::paged_decode_attention", mutates_args=())  # one opaque node for torch.compile
+def paged_decode_attention_triton(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     batch, num_heads, head_dim = query.shape
     _, kv_heads, block_size, _ = k_pool.shape
     group = num_heads // kv_heads
@@ -74,3 +75,8 @@ def paged_decode_attention_triton(query, k_pool, v_pool, block_tables, context_l
     weight = torch.exp2(m - m_max)  # (batch, splits, heads)
     total = (l * weight).sum(dim=1)
     return ((out * weight[..., None]).sum(dim=1) / total[..., None]).to(query.dtype)
+
+
+@paged_decode_attention_triton.register_fake
+def _(query, k_pool, v_pool, block_tables, context_lens, scale):
+    return torch.empty_like(query)
