@@ -166,13 +166,6 @@ class M1Server:
         await asyncio.to_thread(self.engine.wake_up)
         self._awake = True
 
-    # VeRL's checkpoint engines other than "naive" free only the cache around a weight sync
-    release_kv_cache = sleep
-    resume_kv_cache = wake_up
-
-    async def clear_kv_cache(self):
-        """Nothing to clear: the engine has no prefix cache, no state outlives its request."""
-
     async def receive_weights(self, shared: tuple[str, object], metas: list[TensorMeta]):
         """Copy one bucket of trainer weights into the engine's parameters (see weights.py)."""
         def load():
@@ -187,11 +180,9 @@ class M1Server:
         self.global_steps = global_steps
 
     async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False):
-        raise NotImplementedError("the m1 engine cannot abort requests (partial rollout); use "
-                                  "actor_rollout_ref.rollout.checkpoint_engine.backend=naive with the synchronous trainer.")
-
-    async def resume_generation(self):
-        """Nothing was paused (no aborts)."""
+        raise NotImplementedError("the m1 engine cannot abort requests, which VeRL's asynchronous trainers and "
+                                  "non-naive checkpoint engines need: use trainer.v1.trainer_mode=sync with "
+                                  "actor_rollout_ref.rollout.checkpoint_engine.backend=naive.")
 
     async def start_profile(self, **kwargs):
         raise NotImplementedError("rollout profiling is not implemented for the m1 rollout; disable "
