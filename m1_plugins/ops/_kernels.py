@@ -44,9 +44,22 @@ def _import_mamba_ssm():
     return importlib.import_module("mamba_ssm")
 
 
-@functools.cache
+_UNRESOLVED = object()
+_kernels = _UNRESOLVED
+
+
 def load_kernels() -> Optional[Kernels]:
-    """The CUDA kernels, or None (with one warning naming the install command) when unavailable."""
+    """The CUDA kernels, or None (with one warning naming the install command) when unavailable.
+
+    Cached in a module global rather than with functools.cache: torch.compile traces through a functools.cache
+    wrapper into the import machinery (a graph break in every Mamba layer), but reads a global as a constant."""
+    global _kernels
+    if _kernels is _UNRESOLVED:
+        _kernels = _load_kernels()
+    return _kernels
+
+
+def _load_kernels() -> Optional[Kernels]:
     if not torch.cuda.is_available():
         return None
     try:

@@ -43,7 +43,7 @@ def paged_decode_attention_ref(query, k_pool, v_pool, block_tables, context_lens
     valid = torch.arange(keys.shape[2], device=query.device)[None] < context_lens[:, None]  # (batch, keys)
     out = torch.nn.functional.scaled_dot_product_attention(
         query[:, :, None].to(keys.dtype), keys, values, attn_mask=valid[:, None, None], scale=scale,
-        enable_gqa=num_heads != kv_heads,
+        enable_gqa=True,  # also for equal head counts: a plain bool under torch.compile's symbolic shapes
     )
     return out[:, :, 0].to(query.dtype)
 

@@ -183,3 +183,15 @@ def test_real_hybrid_engine_is_generate(smollm2_dir, tmp_path):
     for prompt, output in zip(prompts, outputs):
         hf = reference.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert output.samples[0].token_ids == hf[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("layout", ["m1", "head-aligned"])
+def test_decode_step_compiles_as_one_graph(make_model, layout):
+    """The engine compiles its decode step on GPU; a graph break there costs a recompilation per layer instance.
+    fullgraph=True fails on any break (CPU, eager backend: the model-level code is the GPU path's)."""
+    model = make_model(layout, attn_layers=[1, 3])
+    engine = engine_for(model)
+    expected = engine.generate(PROMPTS, GREEDY)
+    engine._decode_model = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    compiled = engine.generate(PROMPTS, GREEDY)
+    assert [o.samples[0].token_ids for o in compiled] == [o.samples[0].token_ids for o in expected]
