@@ -25,9 +25,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--repeats", type=click.IntRange(min=1), default=100, show_default=True, help="Random draws per maj@k.")
+@click.option("--engine", type=click.Choice(["m1", "hf"]), default="m1", show_default=True,
+              help="m1: the M1 generation engine (a Llama runs on it as its all-attention conversion, the same "
+                   "computation); hf: transformers' generate on left-padded batches.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Run directory; rerunning with the same settings resumes, different settings are refused.")
-def eval_command(models, benchmarks, n, temperature, top_p, max_new_tokens, seed, batch_size, dtype, device, repeats, out):
+def eval_command(models, benchmarks, n, temperature, top_p, max_new_tokens, seed, batch_size, dtype, device, repeats,
+                 engine, out):
     """Sample N responses per problem, grade the last \\boxed{} with math-verify, and report pass@1 (mean over
     N), pass@k, maj@k (k = 1, 2, 4, ... <= N), the no-box fraction and throughput.
 
@@ -39,7 +43,8 @@ def eval_command(models, benchmarks, n, temperature, top_p, max_new_tokens, seed
     start = time.perf_counter()
     problems = _load_benchmarks(benchmarks)
     settings = {"models": [str(Path(m).resolve()) for m in models], "benchmarks": list(benchmarks), "n": n,
-                "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed, "dtype": dtype}
+                "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed, "dtype": dtype,
+                "engine": engine}
     try:
         check_settings(out, settings)
     except ValueError as err:
@@ -47,7 +52,7 @@ def eval_command(models, benchmarks, n, temperature, top_p, max_new_tokens, seed
     summaries = {}
     for model_dir, label in zip(settings["models"], model_labels(settings["models"])):
         records = _evaluate(model_dir, label, problems, out, n, temperature, top_p, max_new_tokens, seed, batch_size,
-                            _dtype(dtype), _device(device))
+                            _dtype(dtype), _device(device), engine)
         summaries[label] = add_timing(summarize(records, repeats=repeats, seed=seed), read_timing(out / label))
         (out / label / SUMMARY_FILE).write_text(json.dumps(summaries[label], indent=2))
     (out / SUMMARY_FILE).write_text(json.dumps(summaries, indent=2))
@@ -79,22 +84,44 @@ def _load_benchmarks(specs):
     return problems
 
 
-def _evaluate(model_dir, label, problems, out, n, temperature, top_p, max_new_tokens, seed, batch_size, dtype, device):
+def _evaluate(model_dir, label, problems, out, n, temperature, top_p, max_new_tokens, seed, batch_size, dtype, device,
+              engine="m1"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import m1_plugins  # noqa: F401  (registers m1_hybrid with the Auto classes)
 
+    from .benchmarks import chat_prompt
     from .evaluate import evaluate_model
-    from .generate import HFGenerator
+    from .generate import EngineGenerator, HFGenerator
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    generator = HFGenerator(model, pad_token_id=pad, eos_token_ids=eos, batch_size=batch_size)
+    if engine == "hf":
+        generator = HFGenerator(model, pad_token_id=pad, eos_token_ids=eos, batch_size=batch_size)
+    else:
+        longest = max(len(chat_prompt(tokenizer, p)) for p in problems)
+        generator = EngineGenerator(_engine_for(model, batch_size, longest + max_new_tokens), eos)
     return evaluate_model(generator, tokenizer, eos, problems, out / label, n, temperature, top_p, max_new_tokens, seed,
                           batch_size, label=label)
+
+
+def _engine_for(model, batch_size: int, max_model_len: int):
+    """An M1Engine for `model`; a Transformer (Llama) first becomes its all-attention M1 conversion, which computes
+    the same function (tests/convert), so teacher and hybrid run on one engine."""
+    from ..modeling import M1ForCausalLM
+    from ..rollout import M1Engine
+
+    if not isinstance(model, M1ForCausalLM):
+        from ..convert import convert_to_hybrid
+
+        model = convert_to_hybrid(model, attn_layers=list(range(model.config.num_hidden_layers)), share_weights=True,
+                                  progress=False)
+    # on CPU the KV pool holds the whole batch at full length (on GPU it is planned from free memory)
+    kv_tokens = batch_size * max_model_len if model.device.type == "cpu" else None
+    return M1Engine(model, max_num_seqs=batch_size, max_model_len=max_model_len, kv_cache_tokens=kv_tokens)
 
 
 def _settings_line(settings: dict) -> str:

@@ -1,8 +1,8 @@
 """Sampling engines behind one interface: `Generator.generate(prompts, n, ...)` -> token ids.
 
-`HFGenerator` runs `model.generate` on left-padded batches (M1ForCausalLM treats left padding exactly:
-padding never enters the attention or the recurrent state). A faster engine implements the same
-`Generator` protocol and drops in.
+`EngineGenerator` runs the M1 generation engine (continuous batching, one prefill shared by the n samples of a
+prompt, CUDA graphs on GPU); `HFGenerator` runs `model.generate` on left-padded batches (M1ForCausalLM treats
+left padding exactly: padding never enters the attention or the recurrent state).
 """
 
 import time
@@ -61,3 +61,27 @@ class HFGenerator:
             if token in self.eos_token_ids:
                 return row[:i + 1]
         return row
+
+
+class EngineGenerator:
+    """`Generator` over an `M1Engine`. Plain temperature + top-p; EOS ids stop a sample (and end it)."""
+
+    def __init__(self, engine, eos_token_ids: list[int]):
+        self.engine, self.eos_token_ids = engine, tuple(eos_token_ids)
+        self.tokens_generated, self.seconds = 0, 0.0
+
+    def generate(self, prompts, n, temperature, top_p, max_new_tokens, seed):
+        from ..rollout import SamplingParams
+
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, n=n,
+                                  stop_token_ids=self.eos_token_ids, logprobs=False)
+        torch.manual_seed(seed)  # the engine's unseeded rows draw from torch's default generators
+        start = time.perf_counter()
+        outputs = self.engine.generate(prompts, sampling)
+        self.seconds += time.perf_counter() - start
+        refused = [o.error for o in outputs if o.error]
+        if refused:
+            raise ValueError(f"the engine refused {len(refused)} prompt(s): {refused[0]}")
+        samples = [[s.token_ids for s in o.samples] for o in outputs]
+        self.tokens_generated += sum(len(t) for per_prompt in samples for t in per_prompt)
+        return samples
