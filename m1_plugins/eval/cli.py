@@ -112,7 +112,7 @@ def _engine_for(model, batch_size: int, max_model_len: int):
     """An M1Engine for `model`; a Transformer (Llama) first becomes its all-attention M1 conversion, which computes
     the same function (tests/convert), so teacher and hybrid run on one engine."""
     from ..modeling import M1ForCausalLM
-    from ..rollout import M1Engine
+    from ..rollout.engine import M1Engine, kv_tokens_for
 
     if not isinstance(model, M1ForCausalLM):
         from ..convert import convert_to_hybrid
@@ -120,7 +120,7 @@ def _engine_for(model, batch_size: int, max_model_len: int):
         model = convert_to_hybrid(model, attn_layers=list(range(model.config.num_hidden_layers)), share_weights=True,
                                   progress=False)
     # on CPU the KV pool holds the whole batch at full length (on GPU it is planned from free memory)
-    kv_tokens = batch_size * max_model_len if model.device.type == "cpu" else None
+    kv_tokens = kv_tokens_for(batch_size, max_model_len) if model.device.type == "cpu" else None
     return M1Engine(model, max_num_seqs=batch_size, max_model_len=max_model_len, kv_cache_tokens=kv_tokens)
 
 

@@ -28,8 +28,14 @@ from .state import PagedHybridState
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_BLOCK_SIZE = 64
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV pool on CPU when kv_cache_tokens is not given
 GRAPH_RESERVE_BYTES = 1 << 29  # CUDA graphs' private pool and allocator slack
+
+
+def kv_tokens_for(num_seqs: int, max_model_len: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """A KV pool (`kv_cache_tokens`) that runs `num_seqs` sequences of up to `max_model_len` tokens together."""
+    return num_seqs * (math.ceil(max_model_len / block_size) + 1) * block_size
 
 
 @dataclass
@@ -87,7 +93,7 @@ class _Sequence:
 
 class M1Engine:
     def __init__(self, model: M1ForCausalLM, *, max_num_seqs: int = 256, max_model_len: int | None = None,
-                 max_num_batched_tokens: int = 8192, block_size: int = 64, kv_cache_tokens: int | None = None,
+                 max_num_batched_tokens: int = 8192, block_size: int = DEFAULT_BLOCK_SIZE, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, cuda_graphs: bool | None = None, compile: bool | None = None,
                  eos_token_id=None):
         if not isinstance(model, M1ForCausalLM):

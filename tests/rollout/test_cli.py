@@ -1,0 +1,43 @@
+"""`m1 generate` and `m1 bench` on CPU: real outputs from the engine, clear errors."""
+
+import json
+
+from click.testing import CliRunner
+
+from m1_plugins.rollout.bench import bench_command
+from m1_plugins.rollout.generate_cli import generate_command
+
+
+def test_generate_prints_samples_and_refuses_a_transformer(smollm2_dir, make_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = make_model(vocab_size=len(tokenizer), max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    args = ["--model", tmp_path / "tiny", "--prompt", "What is 2 + 2?", "--prompt", "Hi", "--n", 2, "--max-tokens", 5,
+            "--seed", 3, "--json"]
+    result = CliRunner().invoke(generate_command, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["prompt"], r["sample"]) for r in rows] == [("What is 2 + 2?", 0), ("What is 2 + 2?", 1), ("Hi", 0), ("Hi", 1)]
+    assert all(len(r["token_ids"]) == len(r["logprobs"]) <= 5 and r["finish_reason"] in ("stop", "length") for r in rows)
+    again = CliRunner().invoke(generate_command, [str(a) for a in args])
+    assert again.stdout == result.stdout  # --seed
+    refused = CliRunner().invoke(generate_command, ["--model", str(smollm2_dir), "--prompt", "Hi"])
+    assert refused.exit_code != 0 and "not an M1 model" in refused.output
+
+
+def test_bench_tiny_writes_a_table(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--tiny", "--models", "m1,llama", "--batch-sizes", "2", "--gen-len", 8, "--gen-lens", "4",
+            "--length-batch", 3, "--warmup", 1, "--warmup-len", 2, "--repeats", 1, "--out", out]
+    result = CliRunner().invoke(bench_command, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [(r["model"], r["batch"], r["gen_len"]) for r in report["results"]] == [
+        ("m1", 2, 8), ("m1", 3, 4), ("llama", 2, 8), ("llama", 3, 4)]
+    assert all(r["tokens_per_s"] > 0 and r["max_running"] == r["batch"] for r in report["results"])
+    assert "| m1 | 2 | 8 |" in out.with_suffix(".md").read_text()
+    bad = CliRunner().invoke(bench_command, ["--models", "gpt"])
+    assert bad.exit_code != 0 and "unknown models ['gpt']" in bad.output
