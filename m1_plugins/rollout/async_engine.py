@@ -59,6 +59,11 @@ class AsyncM1Engine:
         self.engine.waiting.clear()
         self.engine.running.clear()
 
+    def abort(self, request_ids=None) -> int:
+        """`M1Engine.abort`: the aborted requests' `generate` calls return their partial samples."""
+        with self._lock:
+            return self.engine.abort(request_ids)
+
     def sleep(self, offload_weights: bool = False):
         with self._lock:
             self.engine.sleep(offload_weights)

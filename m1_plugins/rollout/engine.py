@@ -42,7 +42,7 @@ def kv_tokens_for(num_seqs: int, max_model_len: int, block_size: int = DEFAULT_B
 class Sample:
     token_ids: list[int]  # generated tokens, the stop token included when finish_reason is "stop"
     logprobs: list[float] | None  # log_softmax(logits / temperature)[token], see `sampling`
-    finish_reason: str  # "stop" (EOS or a stop token) or "length" (max_tokens or max_model_len)
+    finish_reason: str  # "stop" (EOS or a stop token), "length" (max_tokens or max_model_len) or "abort"
 
 
 @dataclass
@@ -123,6 +123,7 @@ class M1Engine:
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple, set)) else [] if eos is None else [eos])
         self.stats = EngineStats()
         self.waiting: deque[list[_Sequence]] = deque()  # groups of sequences with the same tokens, prefilled once
+        self._waiting_prompts: dict[tuple[int, ...], list[_Sequence]] = {}  # fresh waiting groups by prompt
         self.running: list[_Sequence] = []
         self._finished: dict[str, RequestOutput] = {}
         self._ids = itertools.count()
@@ -249,7 +250,15 @@ class M1Engine:
             if sampling.seed is not None and sampling.temperature > 0:
                 generator = torch.Generator(self.device).manual_seed(sampling.seed + i)
             group.append(_Sequence(request, i, list(request.prompt), generator))
-        self.waiting.append(group)
+        # requests for a prompt that is already waiting join its group: one prefill for all (VeRL sends the n
+        # samples of a GRPO prompt as n concurrent requests)
+        key = tuple(request.prompt)
+        waiting = self._waiting_prompts.get(key)
+        if waiting is not None and self._fits(len(request.prompt), len(waiting) + len(group)):
+            waiting += group
+        else:
+            self.waiting.append(group)
+            self._waiting_prompts[key] = group
         return request_id
 
     def _check(self, request: _Request) -> str | None:
@@ -263,11 +272,15 @@ class M1Engine:
                     f"({self.max_model_len}): shorten the prompt, lower max_tokens or raise max_model_len")
         if sp.n > self.max_num_seqs:
             return f"n={sp.n} samples exceed max_num_seqs={self.max_num_seqs}"
-        prompt_blocks = math.ceil(len(prompt) / self.block_size)
-        if sp.n * (prompt_blocks + 1) > self.stats.num_blocks - 1:  # admission needs it all at once
+        if not self._fits(len(prompt), sp.n):
             return (f"{sp.n} copies of a {len(prompt)}-token prompt do not fit the KV cache "
                     f"({self.stats.num_blocks - 1} blocks of {self.block_size}): lower n or raise the cache size")
         return None
+
+    def _fits(self, prompt_len: int, copies: int) -> bool:
+        """Whether `copies` sequences of a prompt can be admitted together (with one spare block each)."""
+        blocks = math.ceil(prompt_len / self.block_size) + 1
+        return copies <= self.max_num_seqs and copies * blocks <= self.stats.num_blocks - 1
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] = SamplingParams()
                  ) -> list[RequestOutput]:
@@ -311,6 +324,8 @@ class M1Engine:
             if groups and tokens + length > self.max_num_batched_tokens:
                 break
             self.waiting.popleft()
+            if self._waiting_prompts.get(tuple(group[0].tokens)) is group:
+                del self._waiting_prompts[tuple(group[0].tokens)]
             sp = group[0].request.sampling
             for seq in group:
                 seq.slot, seq.order = heapq.heappop(self.free_slots), next(self._order)
@@ -449,9 +464,24 @@ class M1Engine:
             return "length"
         return None
 
+    def abort(self, request_ids=None) -> int:
+        """Finish the given unfinished requests (default: all) now. Their samples keep the tokens generated so far,
+        with finish_reason "abort". Returns the number of requests aborted."""
+        hit = lambda seq: request_ids is None or seq.request.request_id in request_ids  # noqa: E731
+        requests = {id(s.request) for s in [*self.running, *(s for g in self.waiting for s in g)] if hit(s)}
+        for seq in [s for s in self.running if hit(s)]:
+            self._finish(seq, "abort")
+        for group in self.waiting:
+            for seq in [s for s in group if hit(s)]:
+                self._finish(seq, "abort")
+        self.waiting = deque(kept for g in self.waiting if (kept := [s for s in g if not hit(s)]))
+        self._waiting_prompts.clear()  # only an optimisation: later requests start new groups
+        return len(requests)
+
     def _finish(self, seq: _Sequence, reason: str):
-        self._release(seq)
-        self.running.remove(seq)
+        if seq.slot >= 0:  # running (an aborted waiting sequence holds nothing)
+            self._release(seq)
+            self.running.remove(seq)
         request = seq.request
         generated = seq.tokens[len(request.prompt):]
         request.samples[seq.index] = Sample(generated, seq.logprobs if request.sampling.logprobs else None, reason)

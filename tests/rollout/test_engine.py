@@ -71,7 +71,7 @@ def test_logprobs_match_a_full_forward(make_model):
 
 def test_continuous_batching_and_preemption_give_the_static_batch_tokens(make_model):
     model = make_model(attn_layers=[1, 3])
-    prompts = PROMPTS * 3
+    prompts = [p + [i] for i, p in enumerate(PROMPTS * 3)]  # distinct: identical prompts would share a prefill
     static = engine_for(model, max_num_seqs=16).generate(prompts, GREEDY)
     few_slots = engine_for(model, max_num_seqs=3)
     continuous = few_slots.generate(prompts, GREEDY)
@@ -195,3 +195,25 @@ def test_decode_step_compiles_as_one_graph(make_model, layout):
     engine._decode_model = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
     compiled = engine.generate(PROMPTS, GREEDY)
     assert [o.samples[0].token_ids for o in compiled] == [o.samples[0].token_ids for o in expected]
+
+
+def test_identical_prompts_share_one_prefill_and_abort_keeps_partial_samples(make_model):
+    model = make_model(attn_layers=[1, 3])
+    expected = stepwise_greedy(twin(model), PROMPTS[1], 20)
+    engine = engine_for(model)
+    ids = [engine.add_request(PROMPTS[1], GREEDY) for _ in range(4)]  # as VeRL sends the n samples of a prompt
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.stats.prefill_forwards == 1
+    assert [engine._finished.pop(i).samples[0].token_ids for i in ids] == [expected] * 4
+
+    engine.add_request(PROMPTS[0], GREEDY, request_id="waiting")
+    engine.step()  # prefill: one token sampled
+    engine.add_request(PROMPTS[2], GREEDY, request_id="queued")
+    engine.step()  # prefill of the second
+    engine.step()  # one decode step for both
+    assert engine.abort() == 2 and not engine.has_unfinished()
+    aborted = [engine._finished.pop(i) for i in ("waiting", "queued")]
+    assert [len(o.samples[0].token_ids) for o in aborted] == [2, 2]
+    assert all(o.samples[0].finish_reason == "abort" for o in aborted)
+    assert len(engine.free_slots) == engine.max_num_seqs  # everything released
