@@ -180,8 +180,9 @@ class M1Server:
         self.global_steps = global_steps
 
     async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False):
-        raise NotImplementedError("the m1 engine cannot abort requests, which VeRL's asynchronous trainers and "
-                                  "non-naive checkpoint engines need: use trainer.v1.trainer_mode=sync with "
+        raise NotImplementedError("the m1 server does not implement VeRL's abort-and-park gate yet (M1Engine.abort "
+                                  "exists), which VeRL's asynchronous trainers and non-naive checkpoint engines need: "
+                                  "use trainer.v1.trainer_mode=sync with "
                                   "actor_rollout_ref.rollout.checkpoint_engine.backend=naive.")
 
     async def start_profile(self, **kwargs):
