@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .eval.cli import eval_command, tts_command
+from .export import export_command, import_command
 from .rollout.bench import bench_command
 from .verl.data import verl_data_command
 
@@ -202,6 +203,8 @@ def demo(workdir, num_attn_layers, size):
 main.add_command(bench_command)
 main.add_command(eval_command)
 main.add_command(tts_command)
+main.add_command(export_command)
+main.add_command(import_command)
 main.add_command(verl_data_command)
 
 if __name__ == "__main__":
