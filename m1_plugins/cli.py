@@ -10,6 +10,7 @@ import click
 from .eval.cli import eval_command, tts_command
 from .export import export_command, import_command
 from .rollout.bench import bench_command
+from .rollout.generate_cli import generate_command
 from .verl.data import verl_data_command
 
 logger = logging.getLogger("m1_plugins")
@@ -201,6 +202,7 @@ def demo(workdir, num_attn_layers, size):
 
 
 main.add_command(bench_command)
+main.add_command(generate_command)
 main.add_command(eval_command)
 main.add_command(tts_command)
 main.add_command(export_command)

@@ -184,12 +184,13 @@ class M1Engine:
         return blocks + 1
 
     def _blocks_from_free_memory(self, per_block: int) -> int:
-        """Profile the largest prefill with the Mamba slots allocated; the KV pool gets what is left."""
+        """Profile the largest prefill (a full batch of prompts, or one preempted sequence of up to max_model_len
+        tokens resuming) with the Mamba slots allocated; the KV pool gets what is left."""
         self.state = PagedHybridState(self.config, self.max_num_seqs, 1, self.block_size, self.dtype, self.device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        n = min(self.max_num_batched_tokens, self.max_model_len)
+        n = max(self.max_num_batched_tokens, self.max_model_len)  # a preempted sequence resumes in one prefill
         self._forward_prefill(torch.zeros(n, dtype=torch.long, device=self.device),
                               torch.tensor([0, n], device=self.device), torch.zeros(1, dtype=torch.long, device=self.device),
                               torch.zeros(n, dtype=torch.long, device=self.device))
