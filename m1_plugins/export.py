@@ -151,11 +151,17 @@ def granite_state_dict(state_dict: dict, config: M1Config) -> dict:
         gate, up, down = (state_dict.pop(f"{p}mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
         out[p + "shared_mlp.input_linear.weight"] = torch.cat([gate, up])
         out[p + "shared_mlp.output_linear.weight"] = down
+    return _with_shared_tensors(out, state_dict, config, "the GraniteMoeHybrid layout")
+
+
+def _with_shared_tensors(out: dict, state_dict: dict, config, target: str) -> dict:
+    """Move the tensors both layouts name alike (embeddings, norms, attention) from `state_dict` into `out`;
+    anything else left over has no place in `target`."""
     if config.tie_word_embeddings:
         state_dict.pop("lm_head.weight", None)  # tied: both loaders take it from the embedding
     unknown = [k for k in state_dict if not _SHARED_KEY.match(k)]
     if unknown:
-        raise ValueError(f"Tensors the GraniteMoeHybrid layout has no place for: {sorted(unknown)[:8]}")
+        raise ValueError(f"Tensors {target} has no place for: {sorted(unknown)[:8]}")
     out.update(state_dict)
     state_dict.clear()
     return out
@@ -217,14 +223,7 @@ def m1_state_dict(state_dict: dict, config: M1Config) -> dict:
         # clones: views of one tensor would be saved as one shared tensor
         out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate.clone(), up.clone()
         out[p + "mlp.down_proj.weight"] = state_dict.pop(p + "shared_mlp.output_linear.weight")
-    if config.tie_word_embeddings:
-        state_dict.pop("lm_head.weight", None)
-    unknown = [k for k in state_dict if not _SHARED_KEY.match(k)]
-    if unknown:
-        raise ValueError(f"Tensors an M1 model has no place for: {sorted(unknown)[:8]}")
-    out.update(state_dict)
-    state_dict.clear()
-    return out
+    return _with_shared_tensors(out, state_dict, config, "an M1 model")
 
 
 # ---------------------------------------------------------------- directories
