@@ -123,3 +123,13 @@ def test_interrupted_distillation_resumes_with_the_teacher(tiny_pair):
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]  # steps 1-2 come from the first run
+
+
+def test_dataset_without_the_messages_field_fails_at_start_up(tiny_pair):
+    """Axolotl's own chat_template loader names the key before any training step (we add nothing on top)."""
+    bad = tiny_pair / "no_messages.jsonl"
+    bad.write_text("".join(json.dumps({"conversation": [{"role": "user", "content": "hi"}]}) + "\n" for _ in range(8)))
+    proc, out = axolotl_train(tiny_pair, "no-messages", datasets=[{"path": str(bad), "type": "chat_template",
+                                                                   "field_messages": "messages"}])
+    assert proc.returncode != 0 and "check `field_messages`" in proc.stdout + proc.stderr
+    assert not list(out.glob("checkpoint-*"))
