@@ -1,15 +1,24 @@
 """AsyncM1Engine: single requests from many coroutines (VeRL's agent loop), batched by one engine thread.
 
-`await generate(prompt_ids, sampling, request_id)` queues the request and returns when it finishes; a background
+`await generate(prompt_ids, sampling, request_id)` queues the request and returns when it finishes (`stream(...)`
+yields its tokens as they come); a background
 thread runs `M1Engine.step()` while there is work, so requests arriving mid-generation join the running batch
 at the next step (continuous batching) instead of waiting for the batch to drain.
 """
 
 import asyncio
 import threading
+from typing import NamedTuple
 
 from .engine import M1Engine, RequestOutput
 from .sampling import SamplingParams
+
+
+class TokenEvent(NamedTuple):
+    sample: int  # index among the request's n samples
+    token: int
+    logprob: float
+    finish_reason: str | None  # set on a sample's last token
 
 
 class AsyncM1Engine:
@@ -34,6 +43,23 @@ class AsyncM1Engine:
             self.engine.add_request(prompt_ids, sampling, request_id, on_done=on_done)
         self._work.set()
         return await done
+
+    async def stream(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str):
+        """Like `generate`, but yields `TokenEvent`s as the tokens are sampled (the n samples interleaved)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def put(item):
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        with self._lock:
+            self.engine.add_request(prompt_ids, sampling, request_id, on_done=put,
+                                    on_token=lambda *event: put(TokenEvent(*event)))
+        self._work.set()
+        while not isinstance(item := await events.get(), RequestOutput):
+            yield item
+        if item.error:
+            raise ValueError(f"request {request_id}: {item.error}")
 
     def _loop(self):
         while True:

@@ -71,6 +71,7 @@ class _Request:
     prompt: list[int]
     sampling: SamplingParams
     on_done: object
+    on_token: object = None
     samples: list = field(default_factory=list)
     pending: int = 0
 
@@ -235,11 +236,13 @@ class M1Engine:
             params[name].data.copy_(tensor, non_blocking=True)
 
     # --- requests ---
-    def add_request(self, prompt_ids, sampling: SamplingParams, request_id: str | None = None, on_done=None) -> str:
-        """Queue a request; `on_done(RequestOutput)` is called when it finishes (else `generate` collects it).
+    def add_request(self, prompt_ids, sampling: SamplingParams, request_id: str | None = None, on_done=None,
+                    on_token=None) -> str:
+        """Queue a request; `on_done(RequestOutput)` is called when it finishes (else `generate` collects it), and
+        `on_token(sample_index, token, logprob, finish_reason or None)` after every token, if given.
         A request that cannot run finishes at once with `error` set."""
         request_id = str(next(self._ids)) if request_id is None else request_id
-        request = _Request(request_id, list(prompt_ids), sampling, on_done)
+        request = _Request(request_id, list(prompt_ids), sampling, on_done, on_token)
         error = self._check(request)
         if error:
             self._deliver(RequestOutput(request_id, request.prompt, [], error=error), on_done)
@@ -454,6 +457,8 @@ class M1Engine:
             seq.tokens.append(token)
             seq.logprobs.append(logprob)
             reason = self._finish_reason(seq, token)
+            if seq.request.on_token:
+                seq.request.on_token(seq.index, token, logprob, reason)
             if reason:
                 self._finish(seq, reason)
 

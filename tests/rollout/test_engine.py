@@ -217,3 +217,24 @@ def test_identical_prompts_share_one_prefill_and_abort_keeps_partial_samples(mak
     assert [len(o.samples[0].token_ids) for o in aborted] == [2, 2]
     assert all(o.samples[0].finish_reason == "abort" for o in aborted)
     assert len(engine.free_slots) == engine.max_num_seqs  # everything released
+
+
+def test_async_stream_yields_the_tokens_as_they_come(make_model):
+    model = make_model(attn_layers=[1, 3])
+    sampling = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=2)
+    expected = engine_for(twin(model)).generate([PROMPTS[1]], sampling)[0]
+    engine = AsyncM1Engine(engine_for(model))
+
+    async def main():
+        events = [e async for e in engine.stream(PROMPTS[1], sampling, request_id="s")]
+        with pytest.raises(ValueError, match="empty prompt"):
+            async for _ in engine.stream([], sampling, request_id="bad"):
+                pass
+        return events
+
+    events = asyncio.run(main())
+    for sample in (0, 1):
+        mine = [e for e in events if e.sample == sample]
+        assert [e.token for e in mine] == expected.samples[sample].token_ids
+        assert [e.logprob for e in mine] == expected.samples[sample].logprobs
+        assert [e.finish_reason for e in mine] == [None] * 5 + ["length"]
