@@ -114,9 +114,10 @@ def ssd_varlen_states_ref(x, dt, A, B, cu_seqlens, dt_bias=None, dt_softplus=Tru
     cum = (dt.double() * A.double()).cumsum(0)  # (l, h)
     doc = torch.arange(len(cu_seqlens) - 1, device=x.device).repeat_interleave((cu_seqlens[1:] - cu_seqlens[:-1]).long())
     decay = torch.exp(cum[cu_seqlens[1:].long() - 1][doc] - cum).to(dtype)  # (l, h): decay from t to its document's end
-    one_hot = F.one_hot(doc, len(cu_seqlens) - 1).to(dtype)  # (l, n_docs)
     B = B[0].to(dtype).repeat_interleave(rep, dim=1)  # (l, h, n)
-    return torch.einsum("ld,lh,lhp,lhn->dhpn", one_hot, decay * dt, x[0].to(dtype), B)
+    contributions = ((decay * dt)[..., None] * x[0].to(dtype))[..., None] * B[:, :, None, :]  # (l, h, p, n)
+    states = contributions.new_zeros(len(cu_seqlens) - 1, *contributions.shape[1:])
+    return states.index_add_(0, doc, contributions)  # a sum per document
 
 
 def ssd_step_ref(

@@ -38,6 +38,8 @@ def paged_decode_attention_ref(query, k_pool, v_pool, block_tables, context_lens
     """query: (batch, num_heads, head_dim) -> (batch, num_heads, head_dim). Gathers every sequence's blocks."""
     batch, num_heads, head_dim = query.shape
     _, kv_heads, block_size, _ = k_pool.shape
+    if not torch.compiler.is_compiling():  # eager: gather only the blocks in use (a data-dependent shape)
+        block_tables = block_tables[:, :-(-int(context_lens.max()) // block_size)]
     keys = k_pool[block_tables].permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, -1, head_dim)
     values = v_pool[block_tables].permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, -1, head_dim)
     valid = torch.arange(keys.shape[2], device=query.device)[None] < context_lens[:, None]  # (batch, keys)
