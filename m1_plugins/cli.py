@@ -11,6 +11,7 @@ from .eval.cli import eval_command, tts_command
 from .export import export_command, import_command
 from .rollout.bench import bench_command
 from .rollout.generate_cli import generate_command
+from .verl.best import verl_best_command
 from .verl.data import verl_data_command
 
 logger = logging.getLogger("m1_plugins")
@@ -208,6 +209,7 @@ main.add_command(tts_command)
 main.add_command(export_command)
 main.add_command(import_command)
 main.add_command(verl_data_command)
+main.add_command(verl_best_command)
 
 if __name__ == "__main__":
     main()
