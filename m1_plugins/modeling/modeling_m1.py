@@ -218,6 +218,8 @@ class M1Model(M1PreTrainedModel):
             seq_idx = seq_idx_from_cu_seqlens(cu_seqlens.to(device), seqlen)
             if position_ids is None:
                 position_ids = position_ids_from_seq_idx(seq_idx)
+            if len(cu_seqlens) == 2:  # one document: plain causal attention (no seqlen^2 mask), no state resets
+                seq_idx = None
         if position_ids is None:
             if attention_mask is not None:  # left padding: count only real tokens
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seqlen:]

@@ -482,3 +482,11 @@ def test_all_attention_llama3_rope_matches_transformers_llama():
         pre = m1(ids[:, :40], past_key_values=cache, use_cache=True).logits
         steps = [m1(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(40, 48)]
     torch.testing.assert_close(torch.cat([pre] + steps, 1), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_one_document_cu_seqlens_is_the_plain_forward(make_model):
+    """A single document needs no mask (so a long prefill does not build a seqlen^2 one): same logits as no cu_seqlens."""
+    model = make_model()
+    ids = torch.randint(1, 96, (1, 40))
+    torch.testing.assert_close(model(ids, cu_seqlens=torch.tensor([0, 40]), use_cache=False).logits,
+                               model(ids, use_cache=False).logits)
