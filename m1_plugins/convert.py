@@ -13,6 +13,7 @@ model. The state dict is converted by popping teacher tensors as they are used, 
 stays close to one copy of the model.
 """
 
+import json
 import logging
 import re
 import time
@@ -196,6 +197,14 @@ def conversion_summary(teacher_model, hybrid: M1ForCausalLM) -> dict:
     }
 
 
+CONVERSION_RECORD = "m1_conversion.json"  # how a hybrid directory was made (checked by Axolotl's m1_convert_from)
+
+
+def conversion_record(teacher_dir, attn_layers, layout, xb_expansion, d_state=None, seed=0) -> dict:
+    return {"teacher": str(Path(teacher_dir).resolve()), "attn_layers": list(attn_layers), "layout": layout,
+            "xb_expansion": xb_expansion, "d_state": d_state, "seed": seed}
+
+
 def convert_hybrid_dir(teacher_dir, out_dir, attn_layers=None, num_attn_layers=None, layout="m1", xb_expansion="repeat",
                        d_state=None, dtype=torch.float32, seed=0, overwrite=False) -> dict:
     """Convert the checkpoint in `teacher_dir` and write the hybrid (+ tokenizer) to `out_dir` atomically.
@@ -228,6 +237,8 @@ def convert_hybrid_dir(teacher_dir, out_dir, attn_layers=None, num_attn_layers=N
         hybrid.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        record = conversion_record(teacher_dir, attn_layers, layout, xb_expansion, d_state, seed)
+        (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=1))
     summary["seconds"] = time.perf_counter() - start
     logger.info("wrote the hybrid to %s", out_dir)
     return summary

@@ -20,12 +20,28 @@ class M1Args(BaseModel):
     m1_loss_chunk_size: int = Field(default=512, gt=0, description="Tokens per chunk of the KL: bounds its fp32 memory.")
     m1_teacher_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         default=None, description="dtype of the frozen teacher; default: the student's.")
+    m1_convert_from: str | None = Field(
+        default=None, description="A Transformer checkpoint to convert into `base_model` at start-up (once; reused "
+                                  "while the conversion settings are unchanged). Also the default m1_teacher.")
+    m1_attn_layers: list[int] | None = Field(default=None, description="m1_convert_from: attention layers to keep.")
+    m1_num_attn_layers: int | None = Field(
+        default=None, gt=0, description="m1_convert_from: instead of m1_attn_layers, keep N evenly spaced ones.")
+    m1_layout: Literal["m1", "head-aligned"] = Field(default="m1", description="m1_convert_from: the mixer layout.")
+    m1_xb_expansion: Literal["repeat", "learned"] = Field(
+        default="repeat", description="m1_convert_from: GQA expansion of x and B.")
 
     @model_validator(mode="after")
     def check_m1_keys(self):
         if self.m1_kl_weight == 0 and self.m1_ce_weight == 0:
             raise ValueError("m1_kl_weight and m1_ce_weight are both 0: nothing to train. Set m1_kl_weight: 1.0 "
                              "(distillation) or m1_ce_weight: 1.0 (SFT).")
+        if self.m1_convert_from:
+            if not (Path(self.m1_convert_from) / "config.json").is_file():
+                raise ValueError(f"m1_convert_from: {self.m1_convert_from!r} is not a checkpoint directory (no config.json).")
+            if (self.m1_attn_layers is None) == (self.m1_num_attn_layers is None):
+                raise ValueError("m1_convert_from needs exactly one of m1_attn_layers (e.g. [3, 8, 13, 18, 23, 27]) "
+                                 "or m1_num_attn_layers (e.g. 6).")
+            self.m1_teacher = self.m1_teacher or self.m1_convert_from
         if self.m1_kl_weight > 0:
             if not self.m1_teacher:
                 raise ValueError("m1_kl_weight > 0 needs m1_teacher: the teacher checkpoint directory "

@@ -10,8 +10,8 @@ LOG = get_logger("axolotl.integrations.m1")  # Axolotl shows its own namespace a
 
 class M1Plugin(BasePlugin):
     """Registers the `m1_hybrid` model type (Auto classes and Axolotl's multipack, so packed rows reach the
-    model with per-document position_ids), adds the `m1_*` config keys, and supplies the distillation
-    trainer when `m1_kl_weight > 0`."""
+    model with per-document position_ids), adds the `m1_*` config keys, converts `m1_convert_from` into
+    `base_model` when asked, and supplies the distillation trainer when `m1_kl_weight > 0`."""
 
     def register(self, cfg):
         import m1_plugins
@@ -20,6 +20,10 @@ class M1Plugin(BasePlugin):
         m1_plugins.register()
         if m1_plugins.M1Config.model_type not in SUPPORTED_MULTIPACK_MODEL_TYPES:
             SUPPORTED_MULTIPACK_MODEL_TYPES.append(m1_plugins.M1Config.model_type)
+        if cfg.get("m1_convert_from"):
+            from .convert_on_load import convert_on_load
+
+            convert_on_load(cfg, LOG)
 
     def get_input_args(self):
         return "m1_plugins.axolotl.args.M1Args"

@@ -133,3 +133,26 @@ def test_dataset_without_the_messages_field_fails_at_start_up(tiny_pair):
                                                                    "field_messages": "messages"}])
     assert proc.returncode != 0 and "check `field_messages`" in proc.stdout + proc.stderr
     assert not list(out.glob("checkpoint-*"))
+
+
+def test_convert_from_a_transformer_at_start_up(tiny_pair):
+    """m1_convert_from: the run converts the teacher into base_model, distills from it (the default teacher), and a
+    later start reuses the conversion only if it was made with the same settings."""
+    import logging
+
+    from m1_plugins.axolotl.convert_on_load import convert_on_load
+
+    target = tiny_pair / "converted"
+    proc, out = axolotl_train(tiny_pair, "convert-from", base_model=str(target), m1_teacher=None,
+                              m1_convert_from=str(tiny_pair / "teacher"), m1_num_attn_layers=1, max_steps=2, save_steps=2)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "m1_convert_from: converting" in log and "m1 distillation: teacher" in log
+    assert json.loads((target / "m1_conversion.json").read_text())["attn_layers"] == [2]
+    assert len(logged_losses(out)) == 2
+    cfg = {"base_model": str(target), "m1_convert_from": str(tiny_pair / "teacher"), "m1_num_attn_layers": 1}
+    convert_on_load(cfg, logging.getLogger("test"))  # same settings: reused, no error
+    with pytest.raises(ValueError, match="is not the conversion m1_convert_from asks for"):
+        convert_on_load({**cfg, "m1_num_attn_layers": 2}, logging.getLogger("test"))
+    with pytest.raises(ValueError, match="exactly one of m1_attn_layers"):
+        convert_on_load({**cfg, "m1_attn_layers": [1]}, logging.getLogger("test"))
