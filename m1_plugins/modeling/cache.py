@@ -28,7 +28,7 @@ def state_bytes_per_token(config, dtype_bytes: int = 2) -> dict[str, int]:
     n_attn, n_mamba = kinds.count("attention"), kinds.count("mamba")
     kv = 2 * shapes["kv"][1] * shapes["kv"][3] * dtype_bytes * n_attn
     conv = torch.Size(shapes["conv"]).numel() * dtype_bytes
-    ssm = torch.Size(shapes["ssm"]).numel() * 4  # fp32 state by default
+    ssm = torch.Size(shapes["ssm"]).numel() * (4 if config.mamba_state_dtype == "float32" else dtype_bytes)
     return {"kv_bytes_per_token": kv, "mamba_bytes_per_sequence": (conv + ssm) * n_mamba}
 
 

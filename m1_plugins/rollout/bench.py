@@ -21,9 +21,9 @@ import click
 import torch
 
 from ..benchmarking import ATTN_LAYERS_3B, ATTN_LAYERS_TINY, SHAPE_3B, SHAPE_TINY, hardware, mixer_layout, versions
+from ..modeling.cache import state_bytes_per_token
 from .engine import M1Engine
 from .sampling import SamplingParams
-from .state import PagedHybridState
 
 # peak HBM bandwidth (bytes/s) by GPU name; override with --peak-bandwidth
 PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
@@ -51,9 +51,9 @@ def bytes_per_step(model, batch: int, context: float) -> dict:
     """Minimum HBM traffic of one decode step at a mean context length."""
     c = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    state = 2 * batch * PagedHybridState.bytes_per_slot(c, model.dtype)  # read + write
-    kv_token = PagedHybridState.bytes_per_block(c, 1, model.dtype)
-    kv = batch * kv_token * (context + 1)  # the context read, one token written
+    sizes = state_bytes_per_token(c, model.dtype.itemsize)
+    state = 2 * batch * sizes["mamba_bytes_per_sequence"]  # read + write
+    kv = batch * sizes["kv_bytes_per_token"] * (context + 1)  # the context read, one token written
     return {"weights": weights, "state": state, "kv": kv, "total": weights + state + kv}
 
 
@@ -121,10 +121,10 @@ def bench_model(name, args, progress):
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         rows.append(row)
         progress(row)
+    sizes = state_bytes_per_token(model.config, dtype.itemsize)
     info = {"model": name, "params": sum(p.numel() for p in model.parameters()), "setup_s": round(setup_s, 1),
             "kv_capacity_tokens": capacity, "graph_captures": engine.stats.graph_captures,
-            "state_bytes_per_seq": PagedHybridState.bytes_per_slot(model.config, dtype),
-            "kv_bytes_per_token": PagedHybridState.bytes_per_block(model.config, 1, dtype)}
+            "state_bytes_per_seq": sizes["mamba_bytes_per_sequence"], "kv_bytes_per_token": sizes["kv_bytes_per_token"]}
     del engine, model
     gc.collect()
     if device.type == "cuda":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..modeling.cache import state_bytes_per_token
 from ..modeling.modeling_m1 import M1ForCausalLM
 from .paged_attention import ATTN_IMPLEMENTATION, PagedDecode
 from .sampling import SamplingParams, sample
@@ -170,7 +171,7 @@ class M1Engine:
             torch.cuda.empty_cache()
 
     def _plan_blocks(self) -> int:
-        per_block = PagedHybridState.bytes_per_block(self.config, self.block_size, self.dtype)
+        per_block = state_bytes_per_token(self.config, self.dtype.itemsize)["kv_bytes_per_token"] * self.block_size
         per_seq = self._max_blocks
         if self.kv_cache_tokens is not None:
             blocks = math.ceil(self.kv_cache_tokens / self.block_size)
@@ -196,8 +197,7 @@ class M1Engine:
                               torch.tensor([0, n], device=self.device), torch.zeros(1, dtype=torch.long, device=self.device),
                               torch.zeros(n, dtype=torch.long, device=self.device))
         activations = torch.cuda.max_memory_allocated() - base
-        self.state = PagedHybridState(self.config, self.max_num_seqs, 1, self.block_size, self.dtype, self.device)
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # free memory is measured with the slots still allocated
         free, total = torch.cuda.mem_get_info()
         sampler = 4 * self.max_num_seqs * self.config.vocab_size * 4  # fp32 logits, scaled, log-probs, probabilities
         budget = total * self.gpu_memory_utilization - (total - free) - activations - sampler - GRAPH_RESERVE_BYTES

@@ -34,18 +34,6 @@ class PagedHybridState:
         self.cu_seqlens = self.slots = self.slot_mapping = None
         self.conv_states, self.ssm_states = {}, {}
 
-    @staticmethod
-    def bytes_per_slot(config, dtype) -> int:
-        shapes = state_shapes(config)
-        n_mamba = config.layers_block_type.count("mamba")
-        ssm_bytes = 4 if config.mamba_state_dtype == "float32" else dtype.itemsize
-        return n_mamba * (torch.Size(shapes["conv"]).numel() * dtype.itemsize + torch.Size(shapes["ssm"]).numel() * ssm_bytes)
-
-    @staticmethod
-    def bytes_per_block(config, block_size: int, dtype) -> int:
-        n_attn = config.layers_block_type.count("attention")
-        return 2 * n_attn * config.num_key_value_heads * block_size * config.head_dim * dtype.itemsize
-
     def begin_prefill(self, cu_seqlens, slots, slot_mapping):
         self.has_previous_state = False
         self.cu_seqlens, self.slots, self.slot_mapping = cu_seqlens, slots, slot_mapping
