@@ -34,9 +34,8 @@ def validation_scores(log_path, metric: str = DEFAULT_METRIC) -> dict[int, float
     return scores
 
 
-def best_checkpoint(log_path, checkpoints_dir, metric: str = DEFAULT_METRIC) -> tuple[int, float, Path]:
+def best_checkpoint(scores: dict[int, float], checkpoints_dir) -> tuple[int, float, Path]:
     """(step, score, directory) of the best-scoring validated step that has a checkpoint (ties: the earlier step)."""
-    scores = validation_scores(log_path, metric)
     saved = {int(p.name.removeprefix("global_step_")): p for p in Path(checkpoints_dir).glob("global_step_*")
              if p.name.removeprefix("global_step_").isdigit()}
     candidates = [(score, -step) for step, score in scores.items() if step in saved]
@@ -58,10 +57,11 @@ def best_checkpoint(log_path, checkpoints_dir, metric: str = DEFAULT_METRIC) -> 
 def verl_best_command(log_path, checkpoints_dir, metric, link):
     """Name the checkpoint of the step with the best validation score."""
     try:
-        step, score, directory = best_checkpoint(log_path, checkpoints_dir, metric)
+        scores = validation_scores(log_path, metric)
+        step, score, directory = best_checkpoint(scores, checkpoints_dir)
     except ValueError as err:
         raise click.ClickException(str(err))
-    for s, value in sorted(validation_scores(log_path, metric).items()):
+    for s, value in sorted(scores.items()):
         click.echo(f"step {s:5d}  {value:.4f}{'  <- best' if s == step else ''}")
     if link:
         tmp = checkpoints_dir / f".best-{os.getpid()}"

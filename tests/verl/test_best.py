@@ -4,7 +4,7 @@ import json
 
 from click.testing import CliRunner
 
-from m1_plugins.verl.best import best_checkpoint, verl_best_command
+from m1_plugins.verl.best import best_checkpoint, validation_scores, verl_best_command
 
 LOG = [  # what VeRL's FileLogger writes: training metrics every step, validation every test_freq steps
     {"step": 1, "data": {"actor/entropy": 0.9}},
@@ -25,8 +25,8 @@ def run_dir(tmp_path, saved=(5, 10, 15, 20)):
 
 def test_best_is_the_mean_over_sources_and_needs_a_checkpoint(tmp_path):
     log, ckpt = run_dir(tmp_path, saved=(5, 10, 15))
-    assert best_checkpoint(log, ckpt) == (10, 0.35, ckpt / "global_step_10")  # 15 ties at 0.35: the earlier step
-    assert best_checkpoint(log, ckpt, metric="val-core/math/acc/mean@32")[0] == 15  # step 20 has no checkpoint
+    assert best_checkpoint(validation_scores(log), ckpt) == (10, 0.35, ckpt / "global_step_10")  # 15 ties at 0.35: the earlier step
+    assert best_checkpoint(validation_scores(log, metric="val-core/math/acc/mean@32"), ckpt)[0] == 15  # step 20 has no checkpoint
 
 
 def test_cli_links_best_and_explains_what_is_missing(tmp_path):
