@@ -4,7 +4,6 @@ Backends: "reference" (pure PyTorch, any device) and "cuda" (mamba-ssm Triton ke
 the state update and the gated norm; causal-conv1d's CUDA conv when installed, else our own conv).
 """
 
-import functools
 import importlib
 import logging
 import sys
@@ -75,7 +74,8 @@ def _load_kernels() -> Optional[Kernels]:
     except ImportError:
         causal_conv1d_fn = causal_conv1d_update = None
         logger.info("causal-conv1d not installed; using m1_plugins' own boundary-aware conv on CUDA")
-    # opaque to torch.compile (the engine compiles its decode step): dynamo cannot trace these kernels' launchers
+    # opaque to torch.compile (e.g. Axolotl's torch_compile): dynamo cannot trace these kernels' launchers, so it
+    # breaks the graph around them instead of failing (the engine's decode step uses ops/inference_ops.py instead)
     kernels = (mamba_chunk_scan_combined, selective_state_update, rmsnorm_fn, causal_conv1d_fn, causal_conv1d_update)
     return Kernels(*(None if k is None else torch.compiler.disable(k) for k in kernels))
 
