@@ -18,11 +18,10 @@ import torch
 from verl.workers.config import HFModelConfig, RolloutConfig
 from verl.workers.rollout.base import BaseRollout
 
+from ..modeling import M1Config
 from .weights import send_weights
 
 logger = logging.getLogger(__name__)
-
-M1_MODEL_TYPE = "m1_hybrid"
 
 
 def server_name(replica_rank: int) -> str:
@@ -43,8 +42,8 @@ def max_model_len(config: RolloutConfig, hf_config) -> int:
 
 def check_config(config: RolloutConfig, hf_config, path: str) -> None:
     """Refuse what the `m1` rollout cannot run, naming the setting to change."""
-    if hf_config.model_type != M1_MODEL_TYPE:
-        raise ValueError(f"rollout.name=m1 runs M1 hybrids (model_type {M1_MODEL_TYPE!r}), but {path} is a "
+    if hf_config.model_type != M1Config.model_type:
+        raise ValueError(f"rollout.name=m1 runs M1 hybrids (model_type {M1Config.model_type!r}), but {path} is a "
                          f"{hf_config.model_type!r} checkpoint. Convert it first (`m1 convert --teacher {path} --out DIR`) "
                          "or choose another rollout.")
     parallel = (config.tensor_model_parallel_size, config.data_parallel_size, config.pipeline_model_parallel_size)
