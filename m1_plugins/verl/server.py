@@ -29,6 +29,10 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "logprob
                  "stop_token_ids", "seed", "ignore_eos")
 # rollout.engine_kwargs.m1 keys, passed to M1Engine
 ENGINE_KWARGS = ("kv_cache_tokens", "block_size")
+# rollout.engine_kwargs.m1 keys the server itself reads
+SERVER_KWARGS = ("sync_probe_tokens",)
+# the prompt of the sync probe: token ids valid in every vocabulary
+PROBE_PROMPT = list(range(1, 9))
 
 
 def engine_sampling(sampling_params: dict[str, Any], config: RolloutConfig, prompt_len: int, max_len: int) -> SamplingParams:
@@ -81,9 +85,11 @@ class M1Server:
         self.model_config: HFModelConfig = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)
         check_config(self.config, self.model_config.hf_config, self.model_config.local_path)
         engine_kwargs = dict(self.config.engine_kwargs.get("m1") or {})
-        unknown = sorted(set(engine_kwargs) - set(ENGINE_KWARGS))
+        unknown = sorted(set(engine_kwargs) - set(ENGINE_KWARGS) - set(SERVER_KWARGS))
         if unknown:
-            raise ValueError(f"rollout.engine_kwargs.m1 has unknown keys {unknown}; supported: {list(ENGINE_KWARGS)}.")
+            raise ValueError(f"rollout.engine_kwargs.m1 has unknown keys {unknown}; supported: "
+                             f"{list(ENGINE_KWARGS + SERVER_KWARGS)}.")
+        self.probe_tokens = int(engine_kwargs.pop("sync_probe_tokens", 0))
         self.engine_kwargs = engine_kwargs
         self.replica_rank = replica_rank
         self.device = torch.device("cuda", 0) if cuda_visible_devices else torch.device("cpu")
@@ -165,6 +171,22 @@ class M1Server:
         """Allocate the cache again (re-planned from the memory free now) and capture the decode graphs."""
         await asyncio.to_thread(self.engine.wake_up)
         self._awake = True
+        if self.probe_tokens:
+            await self.sync_probe()
+
+    async def sync_probe(self) -> tuple[float, list[int]]:
+        """Fingerprint (float64 sum of every parameter) and greedy continuation of a fixed prompt, logged: after a
+        weight sync every replica must print the same pair, and a different one than before the update."""
+        params = list(self.engine.engine.model.parameters())
+        with torch.no_grad():
+            fingerprint = torch.stack([p.detach().double().sum() for p in params]).sum().item()
+        greedy = SamplingParams(temperature=0, max_tokens=self.probe_tokens, ignore_eos=True, logprobs=False)
+        output = await self.engine.generate(PROBE_PROMPT, greedy, f"m1-sync-probe-{self.global_steps}")
+        tokens = output.samples[0].token_ids
+        # WARNING: Ray forwards it to the driver's console at default log levels
+        logger.warning("m1 sync probe: replica %d, weights of step %s, fingerprint %.10e, greedy %s",
+                       self.replica_rank, self.global_steps, fingerprint, tokens)
+        return fingerprint, tokens
 
     async def receive_weights(self, shared: tuple[str, object], metas: list[TensorMeta]):
         """Copy one bucket of trainer weights into the engine's parameters (see weights.py)."""

