@@ -12,7 +12,7 @@ from verl.workers.config import HFModelConfig, RolloutConfig  # noqa: E402
 from verl.workers.rollout.replica import RolloutMode  # noqa: E402
 
 from m1_plugins.rollout import SamplingParams  # noqa: E402
-from m1_plugins.verl.server import M1Server, engine_sampling  # noqa: E402
+from m1_plugins.verl.server import PROBE_PROMPT, M1Server, engine_sampling  # noqa: E402
 from m1_plugins.verl.weights import send_weights  # noqa: E402
 
 PROMPTS = [[5, 6, 7], list(range(100, 130)), [42] * 17, [50, 2, 9, 11]]
@@ -158,6 +158,31 @@ def test_weight_sync_in_buckets_while_asleep(model_config, m1_dir):
     assert ["model.embed_tokens.weight"] in buckets and len(buckets) > 2  # the embedding (12 MB) travels alone
     assert new.token_ids == greedy_reference(new_policy, PROMPTS[3], 16) != old.token_ids
     assert new.extra_fields == {"global_steps": 3}
+
+
+def test_sync_probe_reports_the_new_weights_on_wake_up(model_config, m1_dir, caplog):
+    """With engine_kwargs.m1.sync_probe_tokens, each wake-up logs the weights' fingerprint and a greedy probe: the
+    values of the policy just sent (every replica of a multi-GPU run must log the same)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    new_policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(m1_dir), dtype=torch.float32).eval()
+    server = server_for(model_config, load_format="dummy",
+                        engine_kwargs={"m1": {"kv_cache_tokens": 2048, "block_size": 16, "sync_probe_tokens": 6}})
+
+    async def scenario():
+        await server.launch_server()
+        await server.sleep()
+        await send_weights(iter(new_policy.state_dict().items()), server.receive_weights, bucket_bytes=1 << 20)
+        await server.set_global_steps(2)
+        with caplog.at_level("WARNING", logger="m1_plugins.verl.server"):
+            await server.wake_up()
+        return await server.sync_probe()
+
+    fingerprint, tokens = asyncio.run(scenario())
+    assert fingerprint == torch.stack([p.double().sum() for p in new_policy.parameters()]).sum().item()
+    assert tokens == greedy_reference(new_policy, PROBE_PROMPT, 6)
+    assert f"m1 sync probe: replica 0, weights of step 2, fingerprint {fingerprint:.10e}, greedy {tokens}" in caplog.text
 
 
 def test_refusals(model_config, smollm2_dir):
