@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from ..modeling.cache import state_bytes_per_token
 from ..modeling.modeling_m1 import M1ForCausalLM
@@ -153,7 +154,8 @@ class M1Engine:
         self.free_slots = list(range(S))
         self.free_blocks = list(range(num_blocks - 1, 0, -1))  # block 0: scratch for empty slots
         self.stats.num_blocks = num_blocks
-        self._buckets = sorted({min(2 ** i, S) for i in range(S.bit_length() + 1)})
+        # from 2: torch.compile specialises a dimension of size 1, so a bucket of 1 would be a second compilation
+        self._buckets = sorted({min(2 ** i, S) for i in range(1, S.bit_length() + 1)})
         self._graphs = {}
         if self.cuda_graphs:
             self._capture_graphs()
@@ -414,7 +416,9 @@ class M1Engine:
     def _decode_forward(self, batch: int) -> torch.Tensor:
         ids, positions, slot_mapping, context_lens = self._step_inputs[:4, :batch]
         self.state.begin_decode(batch, slot_mapping)
-        with torch.inference_mode():
+        # no duck shaping: the inputs are views of buffers of max_num_seqs rows, and a trace at batch == max_num_seqs
+        # would tie the batch to the buffer's size (then every other bucket recompiles)
+        with torch.inference_mode(), fx_config.patch(use_duck_shape=False):
             out = self._decode_model(input_ids=ids[:, None], position_ids=positions[:, None], past_key_values=self.state,
                              use_cache=True, logits_to_keep=1,
                              paged_decode=PagedDecode(self._block_tables[:batch], context_lens))

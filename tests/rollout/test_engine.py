@@ -187,14 +187,22 @@ def test_real_hybrid_engine_is_generate(smollm2_dir, tmp_path):
 
 @pytest.mark.parametrize("layout", ["m1", "head-aligned"])
 def test_decode_step_compiles_as_one_graph(make_model, layout):
-    """The engine compiles its decode step on GPU; a graph break there costs a recompilation per layer instance.
-    fullgraph=True fails on any break (CPU, eager backend: the model-level code is the GPU path's)."""
+    """The engine compiles its decode step on GPU; a graph break there costs a recompilation per layer instance, and
+    so does a guard on the batch size (each compilation of the 3B model takes minutes). fullgraph=True fails on any
+    break, and every batch bucket must reuse the one graph (CPU, eager backend: the model-level code is the GPU path's)."""
+    from torch._dynamo.utils import counters
+
     model = make_model(layout, attn_layers=[1, 3])
     engine = engine_for(model)
     expected = engine.generate(PROMPTS, GREEDY)
+    torch._dynamo.reset()
+    counters.clear()
     engine._decode_model = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
     compiled = engine.generate(PROMPTS, GREEDY)
     assert [o.samples[0].token_ids for o in compiled] == [o.samples[0].token_ids for o in expected]
+    for batch in (engine.max_num_seqs, 1, 3):  # the largest bucket (== the input buffers' rows), one sequence, another
+        engine.generate(PROMPTS[:1] * batch, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_identical_prompts_share_one_prefill_and_abort_keeps_partial_samples(make_model):
