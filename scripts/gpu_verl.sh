@@ -9,8 +9,9 @@
 #   run(command="bash scripts/gpu_verl.sh wait 560")          # as often as needed, each within 30 s of the last
 # `start` unpacks, installs m1_plugins with pip, writes the teacher and its hybrid, and starts the jobs in the
 # background (setsid: they outlive the call); `wait S` follows them for at most S seconds and copies the logs and
-# results to $OUT. The jobs: on GPU 0 GRPO of the hybrid on one GPU while GPU 1 runs `m1 eval` (teacher and
-# hybrid, N=64); then, with 2 GPUs, GRPO on both (one engine per GPU) with the weight-sync probe on.
+# results to $OUT. The jobs: GRPO of the hybrid on one GPU, with CUDA graphs and without; `m1 eval` of the teacher
+# and the hybrid (N=64 beside the GRPO runs with 2 GPUs, else N=32 after them); with 2 GPUs, GRPO on both (one
+# engine per GPU) with the weight-sync probe on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -33,17 +34,24 @@ grpo() {  # grpo NAME GPUS [overrides...]: the small recipe on GPUS GPUs
     python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
 }
 
-jobs_chain() {
-    (CUDA_VISIBLE_DEVICES=1 m1 eval --model $MODELS/teacher --model $MODELS/hybrid \
-        --benchmark "arith=$PWD/.gpu/data/arith.jsonl" --n 64 --temperature 0.7 --max-new-tokens 512 \
-        --batch-size 1024 --out $B/eval >"$LOGS/eval.log" 2>&1; echo "eval: exit $?" >>"$LOGS/status") &
-    CUDA_VISIBLE_DEVICES=0 grpo grpo_1gpu 1
+evaluate() {  # m1 eval of the teacher and the hybrid through the engine
+    m1 eval --model $MODELS/teacher --model $MODELS/hybrid --benchmark "arith=$PWD/.gpu/data/arith.jsonl" --n "$1" \
+        --temperature 0.7 --max-new-tokens 512 --batch-size 1024 --out $B/eval >"$LOGS/eval.log" 2>&1
+    echo "eval: exit $?" >>"$LOGS/status"
+}
+
+jobs_chain() {  # with 2 GPUs the eval runs beside the one-GPU GRPO run, then GRPO runs on both; with 1, in turn
+    [ "$NGPU" -ge 2 ] && (CUDA_VISIBLE_DEVICES=1 evaluate 64) &
+    CUDA_VISIBLE_DEVICES=0 grpo grpo_1gpu 1 +actor_rollout_ref.rollout.engine_kwargs.m1.sync_probe_tokens=8
+    # the same recipe with the engine's CUDA graphs off, for the rollout time per step
+    CUDA_VISIBLE_DEVICES=0 grpo grpo_1gpu_eager 1 actor_rollout_ref.rollout.enforce_eager=true \
+        trainer.total_training_steps=2 trainer.val_before_train=false
     wait
     if [ "$NGPU" -ge 2 ]; then
         grpo grpo_2gpu 2 +actor_rollout_ref.rollout.engine_kwargs.m1.sync_probe_tokens=8
+    else
+        evaluate 32
     fi
-    CUDA_VISIBLE_DEVICES=0 grpo grpo_1gpu_eager 1 actor_rollout_ref.rollout.enforce_eager=true trainer.total_training_steps=2 \
-        trainer.val_before_train=false
     echo done >>"$LOGS/status"
 }
 
