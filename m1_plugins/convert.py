@@ -175,7 +175,7 @@ def convert_to_hybrid(teacher_model, attn_layers, layout="m1", xb_expansion="rep
     # buffers are not in the state dict: made on the weights' device (a GPU teacher's hybrid must not keep a CPU
     # inv_freq, which a CUDA graph capture refuses to copy)
     device = next(iter(state_dict.values())).device
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device=device)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
     model.tie_weights()
     model.generation_config = teacher_model.generation_config
     on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

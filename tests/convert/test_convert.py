@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaForCausalLM
 
-import m1_plugins
+import m1_plugins  # noqa: F401  (registers m1_hybrid with the Auto classes)
 from m1_plugins.cli import main as m1_cli
 from m1_plugins.convert import convert_config, convert_hybrid_dir, convert_to_hybrid, spaced_attn_layers
 

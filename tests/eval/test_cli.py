@@ -55,7 +55,7 @@ def test_eval_then_tts_end_to_end(tiny_model_dir, smollm2_tokenizer, tmp_path):
     assert timing["wall_seconds"] >= overall["generation_seconds"] > 0
     assert summary["basic_arithmetic"]["tokens"] == tokens
     table = (out / "summary.md").read_text()
-    assert f"| tiny | overall | 3 | 2 | 0.0 [0.0, 0.0] | 0.0 | 0.0 | 0.0 | 100.0 |" in table
+    assert "| tiny | overall | 3 | 2 | 0.0 [0.0, 0.0] | 0.0 | 0.0 | 0.0 | 100.0 |" in table
     assert "100.0% of samples have no \\boxed{} answer" in result.output
 
     # a restart with the same settings skips every finished problem
