@@ -7,12 +7,13 @@
 #   run(carry=[".gpu/b1"], command="mkdir -p /tmp/b && cp .gpu/b1/* /tmp/b/")
 #   run(carry=[".gpu/b2", ".gpu/data", ".gpu/extra", ".device"], command="bash scripts/gpu_verl.sh start; bash scripts/gpu_verl.sh wait 420")
 #   run(command="bash scripts/gpu_verl.sh wait 560")          # as often as needed, each within 30 s of the last
+# (EVAL_N=0 bash scripts/gpu_verl.sh start: no eval on one GPU)
 # (`start` takes ~90 s: start + `wait 420` fit one call's 600 s, `wait 510` did not)
 # `start` unpacks, installs m1_plugins with pip, writes the teacher and its hybrid, and starts the jobs in the
 # background (setsid: they outlive the call); `wait S` follows them for at most S seconds and copies the logs and
-# results to $OUT. The jobs: GRPO of the hybrid on one GPU, with CUDA graphs and without; `m1 eval` of the teacher
-# and the hybrid (N=64 beside the GRPO runs with 2 GPUs, else N=32 after them); with 2 GPUs, GRPO on both (one
-# engine per GPU) with the weight-sync probe on.
+# results to $OUT. The jobs: `m1 eval` of the teacher and the hybrid (N=32; N=64 beside the GRPO runs with 2 GPUs);
+# GRPO of the hybrid on one GPU with CUDA graphs and without, and of its all-attention conversion; with 2 GPUs, GRPO
+# on both (one engine per GPU) with the weight-sync probe on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -42,18 +43,18 @@ evaluate() {  # m1 eval of the teacher and the hybrid through the engine
     echo "eval: exit $?" >>"$LOGS/status"
 }
 
-jobs_chain() {  # with 2 GPUs the eval runs beside the one-GPU GRPO run, then GRPO runs on both; with 1, in turn
-    [ "$NGPU" -ge 2 ] && (CUDA_VISIBLE_DEVICES=1 evaluate 64) &
-    CUDA_VISIBLE_DEVICES=0 grpo grpo_1gpu 1 +actor_rollout_ref.rollout.engine_kwargs.m1.sync_probe_tokens=8
+jobs_chain() {  # with 2 GPUs the eval runs beside the one-GPU GRPO runs, then GRPO runs on both; with 1, in turn
+    if [ "$NGPU" -ge 2 ]; then (CUDA_VISIBLE_DEVICES=1 evaluate 64) & elif [ "${EVAL_N:-32}" -gt 0 ]; then evaluate "${EVAL_N:-32}"; fi
+    CUDA_VISIBLE_DEVICES=0 grpo grpo_1gpu 1 +actor_rollout_ref.rollout.engine_kwargs.m1.sync_probe_tokens=8 \
+        trainer.total_training_steps=3 trainer.test_freq=3
     # the same recipe with the engine's CUDA graphs off, for the rollout time per step
     CUDA_VISIBLE_DEVICES=0 grpo grpo_1gpu_eager 1 actor_rollout_ref.rollout.enforce_eager=true \
         trainer.total_training_steps=2 trainer.val_before_train=false
+    # the all-attention conversion (= the teacher, robust in bf16): the rollout/actor mismatch of a sane model
+    CUDA_VISIBLE_DEVICES=0 grpo grpo_1gpu_allattn 1 actor_rollout_ref.model.path=$MODELS/allattn \
+        trainer.total_training_steps=2 trainer.val_before_train=false
     wait
-    if [ "$NGPU" -ge 2 ]; then
-        grpo grpo_2gpu 2 +actor_rollout_ref.rollout.engine_kwargs.m1.sync_probe_tokens=8
-    else
-        evaluate 32
-    fi
+    [ "$NGPU" -ge 2 ] && grpo grpo_2gpu 2 +actor_rollout_ref.rollout.engine_kwargs.m1.sync_probe_tokens=8
     echo done >>"$LOGS/status"
 }
 
@@ -70,8 +71,8 @@ start)
     python3 -c "import torch, transformers, verl, ray; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'verl', verl.__version__, 'ray', ray.__version__)"
     m1 teacher --out $MODELS/teacher && m1 convert --teacher $MODELS/teacher --out $MODELS/hybrid --num-attn-layers 6 \
-        || exit 1
-    setsid bash "$0" chain >"$LOGS/chain.log" 2>&1 < /dev/null &
+        && m1 convert --teacher $MODELS/teacher --out $MODELS/allattn --num-attn-layers 30 || exit 1
+    EVAL_N=${EVAL_N:-32} setsid bash "$0" chain >"$LOGS/chain.log" 2>&1 < /dev/null &
     echo "jobs started"
     ;;
 chain) jobs_chain ;;
