@@ -64,8 +64,10 @@ class M1DistillTrainer(AxolotlTrainer):
         if a.m1_kl_weight > 0:
             with torch.no_grad():
                 teacher_logits = self.teacher(**model_inputs).logits
+        # the KL's backward writes dL/dlogits over the logits (not needed after it): no second logits-sized buffer
         loss = distillation_loss(outputs.logits, teacher_logits, inputs["labels"], a.m1_kl_weight, a.m1_ce_weight,
-                                 a.m1_kl_direction, a.m1_kl_temperature, a.m1_loss_chunk_size, num_items_in_batch)
+                                 a.m1_kl_direction, a.m1_kl_temperature, a.m1_loss_chunk_size, num_items_in_batch,
+                                 overwrite_logits=not return_outputs)
         if a.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP/FSDP average gradients; the normaliser is global
         return (loss, outputs) if return_outputs else loss

@@ -99,3 +99,41 @@ def test_bad_arguments():
         kl_divergence(x, x, direction="sideways")
     with pytest.raises(ValueError, match="temperature"):
         kl_divergence(x, x, temperature=0)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_overwriting_backward_equals_naive_and_frees_the_buffer(direction):
+    """`overwrite_logits`: the gradient lands in the logits' own memory, equal to the naive gradient."""
+    torch.manual_seed(5)
+    hidden = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(11, 5, dtype=torch.float64)
+    teacher = torch.randn(2, 7, 11, dtype=torch.float64)
+    mask = torch.rand(2, 7) > 0.3
+    logits = hidden @ head.T
+    want_logits = logits.detach().clone()
+    got = kl_divergence(logits, teacher, mask, direction, chunk_size=3, overwrite_logits=True)
+    want = naive_kl(hidden @ head.T, teacher, mask, direction)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad_hidden, = torch.autograd.grad(got, hidden)
+    torch.testing.assert_close(grad_hidden, torch.autograd.grad(want, hidden)[0], rtol=1e-10, atol=1e-12)
+    # the logits now hold dL/dlogits: proof that no separate buffer was used
+    logits_leaf = want_logits.requires_grad_()
+    want_grad, = torch.autograd.grad(naive_kl(logits_leaf, teacher, mask, direction), logits_leaf)
+    torch.testing.assert_close(logits.detach(), want_grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="needs chunk_size"):
+        kl_divergence(logits, teacher, overwrite_logits=True)
+
+
+def test_distillation_loss_with_overwrite_equals_without():
+    """The trainer's setting (KL overwriting the logits, plus a CE term on the same logits) changes nothing."""
+    torch.manual_seed(6)
+    hidden = torch.randn(3, 6, 4, requires_grad=True)
+    head = torch.randn(13, 4)
+    teacher = torch.randn(3, 6, 13)
+    labels = torch.randint(0, 13, (3, 6))
+    labels[:, :2] = -100
+    results = []
+    for overwrite in (False, True):
+        loss = distillation_loss(hidden @ head.T, teacher, labels, ce_weight=0.3, chunk_size=4, overwrite_logits=overwrite)
+        results.append((loss, torch.autograd.grad(loss, hidden)[0]))
+    torch.testing.assert_close(results[0], results[1])
