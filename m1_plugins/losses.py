@@ -51,22 +51,27 @@ def _normalise(total, n_tokens, normalizer):
     return total / max(float(denominator), 1.0)
 
 
+def _row_dot(a, b):
+    """Row-wise dot product (tokens, vocab) x2 -> (tokens, 1), without a product tensor."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).squeeze(2)
+
+
 def _chunk_kl_inplace(student, teacher, direction: str, temperature: float, gradient: bool = False) -> torch.Tensor:
     """No autograd, in place, so about four chunk-sized fp32 tensors exist at the peak (measured on an H100; the
-    autograd expression of `_kl_sum` keeps about seven): per-token KL (tokens, 1), or with `gradient` its derivative with respect to the student
-    logits / T (tokens, vocab)."""
+    autograd expression of `_kl_sum` keeps about seven): per-token KL (tokens, 1), or with `gradient` its
+    derivative with respect to the student logits / T (tokens, vocab)."""
     dtype = torch.promote_types(student.dtype, torch.float32)
     log_p_s = F.log_softmax(student.to(dtype, copy=True).div_(temperature), dim=-1)
     log_p_t = F.log_softmax(teacher.to(dtype, copy=True).div_(temperature), dim=-1)
     if direction == "reverse":  # KL = <p_s, log p_s - log p_t>; gradient p_s * (diff - KL)
         diff = log_p_t.neg_().add_(log_p_s)
         p_s = log_p_s.exp_()
-        kl = torch.bmm(p_s.unsqueeze(1), diff.unsqueeze(2)).squeeze(2)  # a row-wise dot without a product tensor
+        kl = _row_dot(p_s, diff)
         return diff.sub_(kl).mul_(p_s) if gradient else kl
     if gradient:  # KL = <p_t, log p_t - log p_s>; gradient p_s - p_t
         return log_p_s.exp_().sub_(log_p_t.exp_())
     diff = log_p_s.neg_().add_(log_p_t)
-    return torch.bmm(log_p_t.exp_().unsqueeze(1), diff.unsqueeze(2)).squeeze(2)
+    return _row_dot(log_p_t.exp_(), diff)
 
 
 class _ChunkedKL(torch.autograd.Function):

@@ -44,7 +44,12 @@ evaluate() {  # m1 eval of the teacher and the hybrid through the engine
 }
 
 jobs_chain() {  # with 2 GPUs the eval runs beside the one-GPU GRPO runs, then GRPO runs on both; with 1, in turn
-    if [ "$NGPU" -ge 2 ]; then (CUDA_VISIBLE_DEVICES=1 evaluate 64) & elif [ "${EVAL_N:-32}" -gt 0 ]; then evaluate "${EVAL_N:-32}"; fi
+    local eval_n=${EVAL_N:-32}
+    if [ "$NGPU" -ge 2 ]; then
+        (CUDA_VISIBLE_DEVICES=1 evaluate 64) &
+    elif [ "$eval_n" -gt 0 ]; then
+        evaluate "$eval_n"
+    fi
     CUDA_VISIBLE_DEVICES=0 grpo grpo_1gpu 1 +actor_rollout_ref.rollout.engine_kwargs.m1.sync_probe_tokens=8 \
         trainer.total_training_steps=3 trainer.test_freq=3
     # the same recipe with the engine's CUDA graphs off, for the rollout time per step
@@ -74,7 +79,7 @@ start)
 transformers.__version__, 'verl', verl.__version__, 'ray', ray.__version__)"
     m1 teacher --out $MODELS/teacher && m1 convert --teacher $MODELS/teacher --out $MODELS/hybrid --num-attn-layers 6 \
         && m1 convert --teacher $MODELS/teacher --out $MODELS/allattn --num-attn-layers 30 || exit 1
-    EVAL_N=${EVAL_N:-32} setsid bash "$0" chain >"$LOGS/chain.log" 2>&1 < /dev/null &
+    setsid bash "$0" chain >"$LOGS/chain.log" 2>&1 < /dev/null &
     echo "jobs started"
     ;;
 chain) jobs_chain ;;
