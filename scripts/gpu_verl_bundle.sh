@@ -7,11 +7,9 @@
 # (Python 3.12, as on the GPU machine). Takes about 4 minutes, mostly xz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/gpu_lib.sh
 PY=.venvs/verl/bin/python
 bash ../shared/device/verl-wheels.sh >/dev/null
-bash ../shared/device/smollm2-parts.sh >/dev/null
-dl() { $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$@"; }
 mkdir -p .whl/extra && rm -f .whl/extra/*
 # imported on VeRL's agent-loop path or by the reward, and not in the GPU image (versions as in constraints/verl.txt)
 dl .whl/extra annotated-types==0.8.0 cachetools==8.0.1 colorful==0.5.8 fastapi==0.165.0 pydantic==2.14.3 \
@@ -27,7 +25,7 @@ $PY -m pip install -q --no-deps --no-compile --no-build-isolation --target "$sta
     mkdir -p dashboard/client/build/static && echo "<html></html>" >dashboard/client/build/index.html &&
     touch dashboard/client/build/favicon.ico)  # the dashboard refuses to start without a build directory
 find "$stage/site" -name __pycache__ -prune -exec rm -rf {} +
-mkdir -p "$stage/g" && cat .whl/g1/gguf.part.* .whl/g2/gguf.part.* >"$stage/g/SmolLM2-135M-Instruct.Q4_1.gguf"
+teacher_gguf "$stage/g"
 tar -cf - -C "$stage" site g | xz -T2 -9 >"$stage/bundle.tar.xz"
 mkdir -p .gpu/b1 .gpu/b2 && rm -f .gpu/b1/* .gpu/b2/*
 grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >>.git/info/exclude

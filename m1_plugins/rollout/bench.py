@@ -98,7 +98,6 @@ def bench_model(name, args, progress):
                       gpu_memory_utilization=args["gpu_memory_utilization"], kv_cache_tokens=args["kv_cache_tokens"])
     setup_s = time.perf_counter() - t0
     capacity = (engine.stats.num_blocks - 1) * engine.block_size
-    rows = []
     for batch, gen_len in args["points"]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -119,7 +118,6 @@ def bench_model(name, args, progress):
             row["roofline"] = traffic["total"] / step_s / args["peak_bandwidth"]
         if device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        rows.append(row)
         progress(row)
     sizes = state_bytes_per_token(model.config, dtype.itemsize)
     info = {"model": name, "params": sum(p.numel() for p in model.parameters()), "setup_s": round(setup_s, 1),
@@ -129,7 +127,7 @@ def bench_model(name, args, progress):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return info, rows
+    return info
 
 
 def markdown(report) -> str:
@@ -194,19 +192,22 @@ def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_l
                            "peak_bandwidth": args["peak_bandwidth"]}}
     from tqdm import tqdm
 
+    def save():  # after every point: an interrupted run keeps what it measured
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=1))
+            out.with_suffix(".md").write_text(markdown(report))
+
     with tqdm(total=len(names) * len(points), desc="bench", unit="point") as bar:
         def progress(row):
+            report["results"].append(row)
+            save()
             bar.update(1)
             bar.write(f"{row['model']:8s} batch {row['batch']:4d} gen {row['gen_len']:6d}: "
                       f"{row['tokens_per_s']:10,.0f} tok/s, {row['ms_per_step']:.2f} ms/step")
         for name in names:
-            info, rows = bench_model(name, args, progress)
-            report["models"].append(info)
-            report["results"] += rows
-            if out:  # after every model: an interrupted run keeps what it measured
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(report, indent=1))
-                out.with_suffix(".md").write_text(markdown(report))
+            report["models"].append(bench_model(name, args, progress))
+            save()
     click.echo(markdown(report))
 
 
