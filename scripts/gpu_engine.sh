@@ -7,9 +7,10 @@
 # The chain, in this order (each step's log in the archive, and `m1 bench`'s JSON written after every point, so an
 # interrupted run keeps what it measured):
 #   ENGINE_TESTS=1: tests/gpu/test_engine_gpu.py (kernels vs references, graphs vs eager)
-#   M1_BENCH: `m1 bench` runs separated by ';' (default: the M1 hybrid's batch sweep 8..512 at generation 4096 and its
-#     length sweep at batch 128, then the all-attention model's batch sweep; two 16-token warm-ups, one timed run)
-#   M1_PROFILE: benchmarks/profile_decode.py runs (MODEL:BATCH:CONTEXT, space-separated; default m1:512:2304)
+#   M1_JOBS, separated by ';': "bench ARGS" runs `m1 bench ARGS`, "profile MODEL BATCH CONTEXT" runs
+#     benchmarks/profile_decode.py (uncompiled). Default: the M1 hybrid's batch sweep 8..512 at generation 4096 and
+#     its length sweep at batch 128, a profile at batch 512, then the all-attention model's batch sweep (two 16-token
+#     warm-ups and one timed run per point).
 # Output: $OUT/engine_gpu.tar.gz (logs/: *.log, bench_*.json / .md, status).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +19,9 @@ OUT=${OUT:-runs/gpu}
 E=/tmp/eng
 LOGS=$E/logs
 export PYTHONPATH="$E/device_site:$E/repo" PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$E/inductor
-SWEEP="--batch-sizes 8,16,32,64,128,256,512 --gen-len 4096 --warmup 2 --warmup-len 16 --repeats 1"
-M1_BENCH=${M1_BENCH:-"--models m1 $SWEEP --gen-lens 1024,2048,8192;--models llama $SWEEP"}
+SWEEP="--gen-len 4096 --warmup 2 --warmup-len 16 --repeats 1"
+M1_JOBS=${M1_JOBS:-"bench --models m1 --batch-sizes 8,16,32,64,128,256,512 $SWEEP --gen-lens 1024,2048,8192;\
+profile m1 512 2304;bench --models llama --batch-sizes 8,16,32,64,128,256 $SWEEP"}
 
 chain() {
     if [ "${ENGINE_TESTS:-0}" = 1 ]; then
@@ -27,19 +29,22 @@ chain() {
             -v -p no:cacheprovider -rfE >$LOGS/engine_tests.log 2>&1)
         echo "engine tests: exit $?" >>$LOGS/status
     fi
-    local i=0 args
-    IFS=';' read -ra runs <<<"$M1_BENCH"
-    for args in "${runs[@]}"; do
+    local i=0 job kind args
+    IFS=';' read -ra jobs <<<"$M1_JOBS"
+    for job in "${jobs[@]}"; do
         i=$((i + 1))
-        # shellcheck disable=SC2086  # a list of arguments
-        TORCH_LOGS=recompiles python3 -m m1_plugins.rollout.bench $args --out $LOGS/bench_$i.json >$LOGS/bench_$i.log 2>&1
-        echo "bench $i ($args): exit $?, $(grep -c 'Recompiling function' $LOGS/bench_$i.log) recompilations" >>$LOGS/status
-    done
-    for p in ${M1_PROFILE-m1:512:2304}; do
-        IFS=: read -r model batch context <<<"$p"
-        python3 $E/repo/benchmarks/profile_decode.py --model "$model" --batch "$batch" --context "$context" --no-compile \
-            >$LOGS/profile_${model}_$batch.log 2>&1
-        echo "profile $p: exit $?" >>$LOGS/status
+        read -r kind args <<<"$job"
+        case $kind in
+        bench)  # shellcheck disable=SC2086  # a list of arguments
+            TORCH_LOGS=recompiles python3 -m m1_plugins.rollout.bench $args --out $LOGS/bench_$i.json >$LOGS/bench_$i.log 2>&1
+            echo "$i bench ($args): exit $?, $(grep -c 'Recompiling function' $LOGS/bench_$i.log) recompilations" >>$LOGS/status ;;
+        profile)
+            read -r model batch context <<<"$args"
+            python3 $E/repo/benchmarks/profile_decode.py --model "$model" --batch "$batch" --context "$context" \
+                --no-compile >$LOGS/profile_$i.log 2>&1
+            echo "$i profile ($args): exit $?" >>$LOGS/status ;;
+        *) echo "$i: unknown job '$job'" >>$LOGS/status ;;
+        esac
     done
     echo done >>$LOGS/status
 }
