@@ -29,7 +29,7 @@ export PYTHONPATH="$AX/m1site:$AX/site:$AX/device_site:$AX/plugins" PATH="$AX/m1
 write_metrics_plugin() {  # the m1 trainer's own compute_loss bypasses Axolotl's token counter: time steps here
     mkdir -p "$AX/plugins" && cat >"$AX/plugins/ax_metrics.py" <<'PY'
 """Per-step wall time, token slots per step and peak GPU memory of the run, written to $AX_METRICS (JSON)."""
-import json, os, time
+import json, os, statistics, time
 import torch
 from transformers import TrainerCallback
 from axolotl.integrations.base import BasePlugin
@@ -52,19 +52,24 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self.t)
 
     def on_train_end(self, args, state, control, **kw):
-        steady = self.times[3:] or self.times  # the first steps include Triton's JIT compilation
-        s = sum(steady) / max(len(steady), 1)
+        # the first step includes Triton's JIT compilation; an epoch's last step may hold fewer micro-batches
+        s = statistics.median(self.times[1:] or self.times)
         cuda = torch.cuda.is_available()
+
+        def peak(key, counter):  # Axolotl resets the peak counters when it logs memory: its log holds the peaks
+            logged = [h[key] for h in state.log_history if key in h]
+            return max(logged + [counter() / 2**30]) if cuda else None
+
         m = {"steps": len(self.times), "tokens_per_step": self.tokens_per_step, "step_times_s": self.times,
              "steady_step_s": s, "steady_tokens_per_s": self.tokens_per_step / s if s else None,
              "first_step_s": self.times[0] if self.times else None,
-             "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+             "peak_allocated_gib": peak("memory/max_allocated (GiB)", torch.cuda.max_memory_allocated),
+             "peak_reserved_gib": peak("memory/device_reserved (GiB)", torch.cuda.max_memory_reserved),
              "device": torch.cuda.get_device_name() if cuda else "cpu",
              "log_history": state.log_history}
         with open(os.environ["AX_METRICS"], "w") as f:
             json.dump(m, f, indent=1)
-        print(f"ax_metrics: {len(self.times)} steps, steady {s:.3f} s/step, {m['steady_tokens_per_s'] or 0:.0f} "
+        print(f"ax_metrics: {len(self.times)} steps, median {s:.3f} s/step, {m['steady_tokens_per_s'] or 0:.0f} "
               f"token slots/s, peak allocated {m['peak_allocated_gib']} GiB")
 
 

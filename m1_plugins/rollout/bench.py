@@ -8,7 +8,9 @@ architectures, not of two code bases). Each point: `batch` prompts of `prompt_le
 Reported per point: generated tokens/s (batch x gen_len / wall time of `generate`, prefill included), ms per
 decode step, the concurrency the KV pool allowed, peak memory, and the bytes a decode step must move (weights once,
 Mamba states read + written, KV of the whole context read, one token of KV written) with the fraction of the
-GPU's HBM bandwidth that reaches (roofline = bytes per step / step time / peak bandwidth).
+GPU's HBM bandwidth that reaches (roofline = bytes per step / step time / peak bandwidth). Above a batch of ~200 the
+matrix products are compute-bound (2 x params x batch FLOPs against the weights' bytes), so a second fraction takes
+the step's lower bound as max(weights / bandwidth, FLOPs / peak FLOP/s) + (state + KV) / bandwidth.
 """
 
 import gc
@@ -25,8 +27,10 @@ from ..modeling.cache import state_bytes_per_token
 from .engine import M1Engine
 from .sampling import SamplingParams
 
-# peak HBM bandwidth (bytes/s) by GPU name; override with --peak-bandwidth
+# peak HBM bandwidth (bytes/s) and dense bf16 tensor-core FLOP/s by GPU name (data sheets; the first key in the
+# name wins); override with --peak-bandwidth / --peak-flops
 PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 MODELS = ("m1", "aligned", "llama")
 
 
@@ -57,13 +61,18 @@ def bytes_per_step(model, batch: int, context: float) -> dict:
     return {"weights": weights, "state": state, "kv": kv, "total": weights + state + kv}
 
 
-def peak_bandwidth_for(device, override):
+def step_lower_bound(traffic: dict, flops: float, bandwidth: float, peak_flops: float) -> float:
+    """Seconds a decode step needs at least: the matrix products bound by bytes or FLOPs, the rest by bytes."""
+    return max(traffic["weights"] / bandwidth, flops / peak_flops) + (traffic["state"] + traffic["kv"]) / bandwidth
+
+
+def gpu_peak(table, device, override):
     if override:
         return override
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
+    return next((value for key, value in table.items() if key in name), None)
 
 
 def run_point(engine, batch, prompt_len, gen_len, runs, vocab):
@@ -116,6 +125,10 @@ def bench_model(name, args, progress):
         }
         if args["peak_bandwidth"]:
             row["roofline"] = traffic["total"] / step_s / args["peak_bandwidth"]
+            if args["peak_flops"]:  # every parameter is in one matrix product per token (tied LM head included)
+                flops = 2 * sum(p.numel() for p in model.parameters()) * concurrency
+                row["roofline_with_flops"] = step_lower_bound(traffic, flops, args["peak_bandwidth"],
+                                                              args["peak_flops"]) / step_s
         if device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         progress(row)
@@ -135,10 +148,11 @@ def markdown(report) -> str:
     lines = [f"Generation throughput, M1 engine, {hw.get('gpu', hw.get('cpu'))}, {s['dtype']}, greedy, ignore_eos, "
              f"prompt {s['prompt_len']}, {s['warmup']} warm-up run(s) of {s['warmup_len']} tokens then the mean of "
              f"{s['repeats']} timed run(s); shape {s['shape']}, random weights.", "",
-             "| model | batch | gen len | tokens/s | ms/step | concurrent | GB/step | roofline | peak mem GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | batch | gen len | tokens/s | ms/step | concurrent | GB/step | HBM roofline | roofline with "
+             "GEMM FLOPs | peak mem GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        roof = f"{r['roofline']:.0%}" if "roofline" in r else "-"
+        roof = " | ".join(f"{r[k]:.0%}" if k in r else "-" for k in ("roofline", "roofline_with_flops"))
         mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['gen_len']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} "
                      f"| {r['max_running']} | {r['gb_per_step']:.2f} | {roof} | {mem} |")
@@ -171,10 +185,11 @@ def _ints(value):
 @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True)
 @click.option("--kv-cache-tokens", type=int, help="Fix the KV pool size instead of planning it from free memory.")
 @click.option("--peak-bandwidth", type=float, help="HBM bytes/s for the roofline (default: from the GPU's name).")
+@click.option("--peak-flops", type=float, help="Dense bf16 FLOP/s for the roofline (default: from the GPU's name).")
 @click.option("--tiny", is_flag=True, help="A tiny model of the same structure (CPU smoke test).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="JSON report (and .md next to it).")
 def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_len, warmup, warmup_len, repeats,
-                  gpu_memory_utilization, kv_cache_tokens, peak_bandwidth, tiny, out):
+                  gpu_memory_utilization, kv_cache_tokens, peak_bandwidth, peak_flops, tiny, out):
     """Tokens/s of the generation engine: the M1 hybrid vs the all-attention model, same engine, same harness."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -184,12 +199,13 @@ def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_l
     args = dict(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, tiny=tiny,
                 prompt_len=prompt_len, points=points, batch_sizes=[b for b, _ in points], gen_lens=[g for _, g in points],
                 warmup=warmup, warmup_len=warmup_len, repeats=repeats, gpu_memory_utilization=gpu_memory_utilization,
-                kv_cache_tokens=kv_cache_tokens, peak_bandwidth=peak_bandwidth_for(device, peak_bandwidth))
+                kv_cache_tokens=kv_cache_tokens, peak_bandwidth=gpu_peak(PEAK_BANDWIDTH, device, peak_bandwidth),
+                peak_flops=gpu_peak(PEAK_FLOPS, device, peak_flops))
     report = {"hardware": hardware(device), "versions": versions(), "results": [], "models": [],
               "settings": {"shape": "tiny" if tiny else "Llama-3.2-3B", "dtype": str(args["dtype"]).split(".")[-1],
                            "prompt_len": prompt_len, "points": points, "warmup": warmup, "warmup_len": warmup_len,
                            "repeats": repeats, "gpu_memory_utilization": gpu_memory_utilization,
-                           "peak_bandwidth": args["peak_bandwidth"]}}
+                           "peak_bandwidth": args["peak_bandwidth"], "peak_flops": args["peak_flops"]}}
     from tqdm import tqdm
 
     def save():  # after every point: an interrupted run keeps what it measured

@@ -2,9 +2,10 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
-from m1_plugins.rollout.bench import bench_command
+from m1_plugins.rollout.bench import bench_command, step_lower_bound
 from m1_plugins.rollout.generate_cli import generate_command
 
 
@@ -31,13 +32,26 @@ def test_generate_prints_samples_and_refuses_a_transformer(smollm2_dir, make_mod
 def test_bench_tiny_writes_a_table(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--tiny", "--models", "m1,llama", "--batch-sizes", "2", "--gen-len", 8, "--gen-lens", "4",
-            "--length-batch", 3, "--warmup", 1, "--warmup-len", 2, "--repeats", 1, "--out", out]
+            "--length-batch", 3, "--warmup", 1, "--warmup-len", 2, "--repeats", 1, "--out", out,
+            "--peak-bandwidth", 1e10, "--peak-flops", 1e12]
     result = CliRunner().invoke(bench_command, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert [(r["model"], r["batch"], r["gen_len"]) for r in report["results"]] == [
         ("m1", 2, 8), ("m1", 3, 4), ("llama", 2, 8), ("llama", 3, 4)]
     assert all(r["tokens_per_s"] > 0 and r["max_running"] == r["batch"] for r in report["results"])
+    # counting the matrix products' FLOPs can only raise the lower bound of a step
+    assert all(r["roofline_with_flops"] >= r["roofline"] * (1 - 1e-9) > 0 for r in report["results"])
     assert "| m1 | 2 | 8 |" in out.with_suffix(".md").read_text()
     bad = CliRunner().invoke(bench_command, ["--models", "gpt"])
     assert bad.exit_code != 0 and "unknown models ['gpt']" in bad.output
+
+
+def test_step_lower_bound_counts_flops_once_the_products_are_compute_bound():
+    # the M1-3B step at batch 512 on an H200 (docs/benchmarks.md): 7.42 GB of weights, 5.68 GB of state,
+    # 29.0 GB of KV, 2 x 3.71e9 x 512 FLOPs
+    traffic = {"weights": 7.423e9, "state": 5.675e9, "kv": 29.004e9}
+    bound = step_lower_bound(traffic, 2 * 3.711e9 * 512, 4.8e12, 989e12)
+    assert bound == pytest.approx(3.842e-3 + 34.679e9 / 4.8e12, rel=1e-3)  # 11.07 ms: FLOPs, not bytes, bound the GEMMs
+    # at batch 8 the weights' bytes bound them
+    assert step_lower_bound(traffic, 2 * 3.711e9 * 8, 4.8e12, 989e12) == pytest.approx(sum(traffic.values()) / 4.8e12)
