@@ -34,21 +34,22 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 9
 MODELS = ("m1", "aligned", "llama")
 
 
-def bench_config(name: str, tiny: bool, device):
+def bench_config(name: str, tiny: bool, device, mamba_state_dtype: str = "float32"):
     from ..modeling import M1Config
 
     shape = SHAPE_TINY if tiny else SHAPE_3B
     layers = list(range(shape["num_hidden_layers"])) if name == "llama" else ATTN_LAYERS_TINY if tiny else ATTN_LAYERS_3B
     layout = {} if name == "llama" else mixer_layout(name, shape)
-    return M1Config(**shape, attn_layers=layers, mamba_kernels="cuda" if device.type == "cuda" else "reference", **layout)
+    return M1Config(**shape, attn_layers=layers, mamba_kernels="cuda" if device.type == "cuda" else "reference",
+                    mamba_state_dtype=mamba_state_dtype, **layout)
 
 
-def build(name, tiny, device, dtype):
+def build(name, tiny, device, dtype, mamba_state_dtype="float32"):
     from ..modeling import M1ForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        return M1ForCausalLM(bench_config(name, tiny, device)).to(dtype).eval()
+        return M1ForCausalLM(bench_config(name, tiny, device, mamba_state_dtype)).to(dtype).eval()
 
 
 def bytes_per_step(model, batch: int, context: float) -> dict:
@@ -100,7 +101,7 @@ def run_point(engine, batch, prompt_len, gen_len, runs, vocab):
 
 def bench_model(name, args, progress):
     device, dtype = args["device"], args["dtype"]
-    model = build(name, args["tiny"], device, dtype)
+    model = build(name, args["tiny"], device, dtype, args["mamba_state_dtype"])
     max_len = args["prompt_len"] + max(args["gen_lens"])
     t0 = time.perf_counter()
     engine = M1Engine(model, max_num_seqs=max(args["batch_sizes"]), max_model_len=max_len,
@@ -186,10 +187,12 @@ def _ints(value):
 @click.option("--kv-cache-tokens", type=int, help="Fix the KV pool size instead of planning it from free memory.")
 @click.option("--peak-bandwidth", type=float, help="HBM bytes/s for the roofline (default: from the GPU's name).")
 @click.option("--peak-flops", type=float, help="Dense bf16 FLOP/s for the roofline (default: from the GPU's name).")
+@click.option("--mamba-state-dtype", type=click.Choice(["float32", "model"]), default="float32", show_default=True,
+              help="SSM state slots in fp32 or in the model's dtype (bf16 on GPU: half the state traffic).")
 @click.option("--tiny", is_flag=True, help="A tiny model of the same structure (CPU smoke test).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="JSON report (and .md next to it).")
 def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_len, warmup, warmup_len, repeats,
-                  gpu_memory_utilization, kv_cache_tokens, peak_bandwidth, peak_flops, tiny, out):
+                  gpu_memory_utilization, kv_cache_tokens, peak_bandwidth, peak_flops, mamba_state_dtype, tiny, out):
     """Tokens/s of the generation engine: the M1 hybrid vs the all-attention model, same engine, same harness."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -199,12 +202,14 @@ def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_l
     args = dict(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, tiny=tiny,
                 prompt_len=prompt_len, points=points, batch_sizes=[b for b, _ in points], gen_lens=[g for _, g in points],
                 warmup=warmup, warmup_len=warmup_len, repeats=repeats, gpu_memory_utilization=gpu_memory_utilization,
+                mamba_state_dtype=mamba_state_dtype,
                 kv_cache_tokens=kv_cache_tokens, peak_bandwidth=gpu_peak(PEAK_BANDWIDTH, device, peak_bandwidth),
                 peak_flops=gpu_peak(PEAK_FLOPS, device, peak_flops))
     report = {"hardware": hardware(device), "versions": versions(), "results": [], "models": [],
               "settings": {"shape": "tiny" if tiny else "Llama-3.2-3B", "dtype": str(args["dtype"]).split(".")[-1],
                            "prompt_len": prompt_len, "points": points, "warmup": warmup, "warmup_len": warmup_len,
                            "repeats": repeats, "gpu_memory_utilization": gpu_memory_utilization,
+                           "mamba_state_dtype": mamba_state_dtype,
                            "peak_bandwidth": args["peak_bandwidth"], "peak_flops": args["peak_flops"]}}
     from tqdm import tqdm
 

@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
-from m1_plugins.rollout.bench import bench_command, step_lower_bound
+from m1_plugins.modeling.cache import state_bytes_per_token
+from m1_plugins.rollout.bench import bench_command, bench_config, step_lower_bound
 from m1_plugins.rollout.generate_cli import generate_command
 
 
@@ -33,13 +35,14 @@ def test_bench_tiny_writes_a_table(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--tiny", "--models", "m1,llama", "--batch-sizes", "2", "--gen-len", 8, "--gen-lens", "4",
             "--length-batch", 3, "--warmup", 1, "--warmup-len", 2, "--repeats", 1, "--out", out,
-            "--peak-bandwidth", 1e10, "--peak-flops", 1e12]
+            "--peak-bandwidth", 1e10, "--peak-flops", 1e12, "--mamba-state-dtype", "model"]
     result = CliRunner().invoke(bench_command, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert [(r["model"], r["batch"], r["gen_len"]) for r in report["results"]] == [
         ("m1", 2, 8), ("m1", 3, 4), ("llama", 2, 8), ("llama", 3, 4)]
     assert all(r["tokens_per_s"] > 0 and r["max_running"] == r["batch"] for r in report["results"])
+    assert report["settings"]["mamba_state_dtype"] == "model"
     # counting the matrix products' FLOPs can only raise the lower bound of a step
     assert all(r["roofline_with_flops"] >= r["roofline"] * (1 - 1e-9) > 0 for r in report["results"])
     assert "| m1 | 2 | 8 |" in out.with_suffix(".md").read_text()
@@ -55,3 +58,11 @@ def test_step_lower_bound_counts_flops_once_the_products_are_compute_bound():
     assert bound == pytest.approx(3.842e-3 + 34.679e9 / 4.8e12, rel=1e-3)  # 11.07 ms: FLOPs, not bytes, bound the GEMMs
     # at batch 8 the weights' bytes bound them
     assert step_lower_bound(traffic, 2 * 3.711e9 * 8, 4.8e12, 989e12) == pytest.approx(sum(traffic.values()) / 4.8e12)
+
+
+def test_bf16_state_halves_the_ssm_state_bytes():
+    cpu = torch.device("cpu")
+    fp32, bf16 = (state_bytes_per_token(bench_config("m1", False, cpu, d), 2)["mamba_bytes_per_sequence"]
+                  for d in ("float32", "model"))
+    # M1-3B: 22 Mamba layers x (SSM 3072 x 16 fp32 or bf16 + conv 9216 x 3 bf16)
+    assert (fp32, bf16) == (22 * (3072 * 16 * 4 + 9216 * 3 * 2), 22 * (3072 * 16 * 2 + 9216 * 3 * 2))
