@@ -11,12 +11,16 @@ import torch.nn.functional as F
 from ._kernels import load_kernels
 
 
-def _activate(x, activation):
+def _is_silu(activation) -> bool:
     if activation in (None, "identity"):
-        return x
+        return False
     if activation in ("silu", "swish"):
-        return F.silu(x)
+        return True
     raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+
+
+def _activate(x, activation):
+    return F.silu(x) if _is_silu(activation) else x
 
 
 def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, initial_states=None, activation="silu"):
@@ -98,7 +102,13 @@ def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, activ
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu", backend="reference"):
+    """On CUDA: causal-conv1d's kernel when installed, else ours (`_conv_update_triton`, widths 2..4); the
+    reference elsewhere."""
     kernels = load_kernels() if backend == "cuda" else None
     if kernels is not None and kernels.conv1d_update is not None:
         return kernels.conv1d_update(x, conv_state, weight, bias, activation)
+    if backend == "cuda" and 2 <= weight.shape[1] <= 4:
+        from ._conv_update_triton import conv_state_update
+
+        return conv_state_update(x, conv_state, weight, bias, _is_silu(activation))
     return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
