@@ -17,7 +17,7 @@ from .sampling import SamplingParams
 class TokenEvent(NamedTuple):
     sample: int  # index among the request's n samples
     token: int
-    logprob: float
+    logprob: float | None  # None unless the request asked for log-probs
     finish_reason: str | None  # set on a sample's last token
 
 

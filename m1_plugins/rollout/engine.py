@@ -241,7 +241,8 @@ class M1Engine:
     def add_request(self, prompt_ids, sampling: SamplingParams, request_id: str | None = None, on_done=None,
                     on_token=None) -> str:
         """Queue a request; `on_done(RequestOutput)` is called when it finishes (else `generate` collects it), and
-        `on_token(sample_index, token, logprob, finish_reason or None)` after every token, if given.
+        `on_token(sample_index, token, logprob, finish_reason or None)` after every token, if given (logprob is
+        None unless a request in the batch asked for log-probs).
         A request that cannot run finishes at once with `error` set."""
         request_id = str(next(self._ids)) if request_id is None else request_id
         request = _Request(request_id, list(prompt_ids), sampling, on_done, on_token)
@@ -456,8 +457,10 @@ class M1Engine:
         self._flush_slot_params()
         temperature, top_k, top_p = self._slot_sampling[:, slots]
         generators = [s.generator for s in seqs]
-        tokens, logprobs = sample(logits, temperature, top_k, top_p, generators if any(generators) else None)
-        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
+        tokens, logprobs = sample(logits, temperature, top_k, top_p, generators if any(generators) else None,
+                                  logprobs=any(s.request.sampling.logprobs for s in seqs))
+        logprobs = [None] * len(seqs) if logprobs is None else logprobs.tolist()
+        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs):
             seq.tokens.append(token)
             seq.logprobs.append(logprob)
             reason = self._finish_reason(seq, token)

@@ -51,17 +51,20 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def sample(logits, temperature, top_k, top_p, generators=None, generator=None):
-    """logits: (rows, vocab); per-row temperature / top_k / top_p tensors. Returns (tokens, logprobs), both (rows,).
+def sample(logits, temperature, top_k, top_p, generators=None, generator=None, logprobs=True):
+    """logits: (rows, vocab); per-row temperature / top_k / top_p tensors. Returns (tokens, logprobs), both (rows,);
+    logprobs is None when not asked for (`logprobs=False`).
 
     `generators[i]` (or None) draws row i alone; the other rows share `generator` in one call.
     """
-    logits = logits.float()
     greedy = temperature == 0
+    all_greedy = bool(greedy.all())
+    if all_greedy and not logprobs:  # one read of the logits instead of several fp32 copies of them
+        return logits.argmax(-1), None
+    logits = logits.float()
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    logprobs = scaled.log_softmax(-1)
     tokens = logits.argmax(-1)
-    if not bool(greedy.all()):
+    if not all_greedy:
         filtered = scaled
         if bool((top_k > 0).any() | (top_p < 1).any()):
             filtered = filter_logits(scaled, top_k, top_p)
@@ -71,4 +74,6 @@ def sample(logits, temperature, top_k, top_p, generators=None, generator=None):
             if g is not None:
                 drawn[i] = torch.multinomial(probs[i], 1, generator=g)[0]
         tokens = torch.where(greedy, tokens, drawn)
-    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+    if not logprobs:
+        return tokens, None
+    return tokens, scaled.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]

@@ -1,6 +1,7 @@
 """The generation engine's laws on CPU (fp32, eager path): its tokens and log-probs are the model's."""
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -67,6 +68,22 @@ def test_logprobs_match_a_full_forward(make_model):
         for s in output.samples:
             expected = full_forward_logprobs(reference, prompt, s.token_ids, temperature=0.7)
             assert (torch.tensor(s.logprobs) - expected).abs().max() < 1e-4
+
+
+def test_logprobs_only_when_asked_and_the_tokens_do_not_depend_on_it(make_model):
+    model = make_model(attn_layers=[1])
+    reference = twin(model)
+    sampled = SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True, n=2, seed=3)
+    for sampling in (GREEDY, sampled):
+        quiet = dataclasses.replace(sampling, logprobs=False)
+        with_lp, without = (engine_for(model).generate(PROMPTS, s) for s in (sampling, quiet))
+        assert [s.token_ids for o in with_lp for s in o.samples] == [s.token_ids for o in without for s in o.samples]
+        assert all(s.logprobs is None for o in without for s in o.samples)
+    # a batch mixing both: the request that asked gets the model's log-probs
+    mixed = engine_for(model).generate(PROMPTS[:2], [sampled, quiet])
+    expected = full_forward_logprobs(reference, PROMPTS[0], mixed[0].samples[0].token_ids, temperature=0.7)
+    assert (torch.tensor(mixed[0].samples[0].logprobs) - expected).abs().max() < 1e-4
+    assert mixed[1].samples[0].logprobs is None
 
 
 def test_continuous_batching_and_preemption_give_the_static_batch_tokens(make_model):
