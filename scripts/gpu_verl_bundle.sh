@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 source scripts/gpu_lib.sh
 PY=.venvs/verl/bin/python
 bash ../shared/device/verl-wheels.sh >/dev/null
+bash ../shared/device/smollm2-parts.sh >/dev/null  # the GGUF's parts and the gguf wheel
 mkdir -p .whl/extra && rm -f .whl/extra/*
 # imported on VeRL's agent-loop path or by the reward, and not in the GPU image (versions as in constraints/verl.txt)
 dl .whl/extra annotated-types==0.8.0 cachetools==8.0.1 colorful==0.5.8 fastapi==0.165.0 pydantic==2.14.3 \
