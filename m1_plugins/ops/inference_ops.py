@@ -1,8 +1,8 @@
-"""The mamba-ssm kernels of a decode step as torch custom ops.
+"""mamba-ssm's state-update kernel of a decode step as a torch custom op.
 
-torch.compile cannot trace these kernels' Python launchers; as custom ops they are single opaque nodes, so the
-engine's compiled decode step is one graph (no graph break per layer, hence no recompilation per layer instance).
-Forward only: training keeps calling the kernels (and their autograd) directly.
+torch.compile cannot trace the kernel's Python launcher; as a custom op it is a single opaque node, so the engine's
+compiled decode step is one graph (no graph break per layer, hence no recompilation per layer instance). Our own
+inference kernels (`_conv_update_triton`, `_gated_norm_triton`) are custom ops for the same reason.
 """
 
 import torch
@@ -19,15 +19,4 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
 
 @selective_state_update.register_fake
 def _(state, x, dt, A, B, C, D, dt_bias, dt_softplus):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("m1::rmsnorm_gated", mutates_args=())
-def rmsnorm_gated(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None, eps: float,
-                  group_size: int | None) -> torch.Tensor:
-    return load_kernels().rmsnorm_gated(x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
-
-
-@rmsnorm_gated.register_fake
-def _(x, weight, z, eps, group_size):
     return torch.empty_like(x)

@@ -3,7 +3,6 @@
 import torch
 import torch.nn.functional as F
 
-from . import inference_ops
 from ._kernels import load_kernels
 
 
@@ -24,8 +23,10 @@ def rmsnorm_gated_ref(x, weight, z=None, eps=1e-6, group_size=None):
 
 
 def rmsnorm_gated(x, weight, z=None, eps=1e-6, group_size=None, backend="reference"):
-    if backend == "cuda" and not torch.is_grad_enabled():  # inference: the custom op (one node for torch.compile)
-        return inference_ops.rmsnorm_gated(x, weight, z, eps, group_size)
+    if backend == "cuda" and not torch.is_grad_enabled():  # inference: our row-tiled kernel, a custom op
+        from ._gated_norm_triton import rmsnorm_gated_rows
+
+        return rmsnorm_gated_rows(x, weight, z, eps, group_size)
     if backend == "cuda":
         return load_kernels().rmsnorm_gated(x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
     return rmsnorm_gated_ref(x, weight, z=z, eps=eps, group_size=group_size)

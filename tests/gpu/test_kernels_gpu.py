@@ -298,6 +298,11 @@ def test_rmsnorm_gated(group_size, dtype, device, kernel_backend, record):
     check = Checker(record, ATOL_REL_ELEMENTWISE[dtype])
     for name in gold:
         check(name, kernel[name], gold[name], pt[name])
+    # inference (no grad) takes our row-tiled kernel (ops/_gated_norm_triton.py), not mamba-ssm's
+    with torch.no_grad():
+        x, zz, w = (t.to(device, dtype) for t in (x0, zz0, w0))
+        inference = rmsnorm_gated(x, w, z=zz[..., :d], eps=1e-5, group_size=group_size, backend=kernel_backend)
+    check("inference.out", inference, gold["out"], pt["out"])
     check.finish()
 
 

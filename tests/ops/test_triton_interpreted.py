@@ -1,6 +1,7 @@
-"""The decode step's conv-state kernel against its PyTorch reference, on CPU through Triton's interpreter
-(TRITON_INTERPRET=1): its indexing, masking and in-place writes are checked in CI, not only on the GPU machine
-(tests/gpu/test_kernels_gpu.py repeats the comparison with the compiled kernel in bf16 and fp32). The paged-attention
+"""Our inference kernels (the decode step's conv-state update, the row-tiled gated RMSNorm) against their PyTorch
+references, on CPU through Triton's interpreter (TRITON_INTERPRET=1): their indexing, masking and in-place writes
+are checked in CI, not only on the GPU machine (tests/gpu/test_kernels_gpu.py repeats the comparisons with the
+compiled kernels in bf16 and fp32). The paged-attention
 kernel cannot run there: its loop bounds are loaded from memory, which Triton 3.6's interpreter refuses.
 
 The interpreter is chosen when a kernel is defined, so the checks run in a fresh process (this file as a script),
@@ -20,7 +21,9 @@ pytest.importorskip("triton")
 
 def interpreted_errors() -> dict:
     from m1_plugins.ops._conv_update_triton import conv_state_update
+    from m1_plugins.ops._gated_norm_triton import rmsnorm_gated_rows
     from m1_plugins.ops.conv import causal_conv1d_update_ref
+    from m1_plugins.ops.norm import rmsnorm_gated_ref
 
     torch.manual_seed(0)
     errors = {}
@@ -41,15 +44,25 @@ def interpreted_errors() -> dict:
                 x = torch.randn(batch, dim)
             errors[key + " other slots untouched"] = (state[batch:] - slots[batch:]).abs().max().item()
 
+    # gated norm: the paper's 16-channel groups, head-sized groups, one group of a width that is no power of two;
+    # z a strided view of a wider projection (the in_proj split), rows in two leading dimensions
+    for group_size, dim in ((16, 96), (32, 96), (None, 80)):
+        x, zz, w = torch.randn(2, 5, dim), torch.randn(2, 5, dim + 24), 1 + 0.1 * torch.randn(dim)
+        for z in (zz[..., 7:7 + dim], None):
+            got = rmsnorm_gated_rows(x, w, z, 1e-5, group_size)
+            expected = rmsnorm_gated_ref(x, w, z=z, eps=1e-5, group_size=group_size)
+            errors[f"norm groups of {group_size}{' gated' if z is not None else ''}"] = (got - expected).abs().max().item()
+
     return errors
 
 
-def test_conv_state_kernel_matches_the_reference_in_the_interpreter():
+def test_inference_kernels_match_the_references_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 12  # 3 widths x (bias + silu, neither) x (outputs and state, the other slots)
+    # conv: 3 widths x (bias + silu, neither) x (outputs and state, the other slots); norm: 3 shapes x (gated, not)
+    assert len(errors) == 18
     # fp32 throughout; the kernel accumulates in another order than the reference: a few ulps, not bit equality
     assert all(e < 1e-5 for e in errors.values()), errors
 
