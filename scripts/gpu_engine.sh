@@ -6,7 +6,8 @@
 #   run(command="bash scripts/gpu_engine.sh wait 570")       # as often as needed, each within 30 s of the last
 # The chain, in this order (each step's log in the archive, and `m1 bench`'s JSON written after every point, so an
 # interrupted run keeps what it measured):
-#   ENGINE_TESTS=1: tests/gpu/test_engine_gpu.py (kernels vs references, graphs vs eager)
+#   ENGINE_TESTS=1: tests/gpu/test_engine_gpu.py (kernels vs references, graphs vs eager) and the kernel tests of
+#     the decode step's own Triton kernels (conv-state update, inference gated norm)
 #   M1_JOBS, separated by ';': "bench ARGS" runs `m1 bench ARGS`, "profile MODEL BATCH CONTEXT" runs
 #     benchmarks/profile_decode.py (uncompiled). Default: the M1 hybrid's batch sweep 8..512 at generation 4096 and
 #     its length sweep at batch 128, a profile at batch 512, then the all-attention model's batch sweep (two 16-token
@@ -25,7 +26,8 @@ profile m1 512 2304;bench --models llama --batch-sizes 8,16,32,64,128,256 $SWEEP
 
 chain() {
     if [ "${ENGINE_TESTS:-0}" = 1 ]; then
-        (cd $E/repo && M1_GPU_REPORT=$LOGS/engine_errors.jsonl timeout 300 python3 -m pytest tests/gpu/test_engine_gpu.py \
+        (cd $E/repo && M1_GPU_REPORT=$LOGS/engine_errors.jsonl timeout 360 python3 -m pytest tests/gpu/test_engine_gpu.py \
+            tests/gpu/test_kernels_gpu.py::test_causal_conv1d tests/gpu/test_kernels_gpu.py::test_rmsnorm_gated \
             -v -p no:cacheprovider -rfE >$LOGS/engine_tests.log 2>&1)
         echo "engine tests: exit $?" >>$LOGS/status
     fi
@@ -53,7 +55,7 @@ case ${1:-} in
 start)
     rm -rf $LOGS && mkdir -p $LOGS $E/repo
     # a later call's working tree lacks .device: the chain reads its own copies
-    rm -rf $E/device_site && cp -r .device/site $E/device_site && cp -r m1_plugins benchmarks tests $E/repo/ ||
+    rm -rf $E/device_site && cp -r .device/site $E/device_site && cp -r m1_plugins benchmarks tests pyproject.toml $E/repo/ ||
         start_failed $LOGS "copying the repository"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     setsid bash "$0" chain >$LOGS/chain.log 2>&1 </dev/null &
