@@ -55,7 +55,7 @@ def conv_state_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.T
         raise ValueError(f"conv_state_update takes widths 2..4 and a state with contiguous columns, got width {width} "
                          f"and state strides {conv_state.stride()}")
     x, weight = x if x.stride(1) == 1 else x.contiguous(), weight if weight.stride(1) == 1 else weight.contiguous()
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, as the fake below says
     block_d = 256
     _conv_update_kernel[(batch, triton.cdiv(dim, block_d))](
         x, conv_state, weight, bias, out, dim, x.stride(0), conv_state.stride(0), conv_state.stride(1),
@@ -67,4 +67,4 @@ def conv_state_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.T
 
 @conv_state_update.register_fake
 def _(x, conv_state, weight, bias, silu):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)

@@ -53,6 +53,12 @@ def interpreted_errors() -> dict:
             expected = rmsnorm_gated_ref(x, w, z=z, eps=1e-5, group_size=group_size)
             errors[f"norm groups of {group_size}{' gated' if z is not None else ''}"] = (got - expected).abs().max().item()
 
+    # the custom ops' declarations (schema, mutated arguments, fake outputs) agree with what the kernels do, as
+    # torch.compile relies on them in the engine's decode graph; opcheck raises otherwise
+    torch.library.opcheck(conv_state_update, (wide[:, :dim], torch.randn(batch + 2, dim, 3)[:batch],
+                                              torch.randn(dim, 4), torch.randn(dim), True))
+    torch.library.opcheck(rmsnorm_gated_rows, (torch.randn(2, 5, 96), torch.randn(96), zz[..., :96], 1e-5, 16))
+
     return errors
 
 
