@@ -433,7 +433,8 @@ class M1Engine:
             return
         # the host's share of every step: numpy arrays, as torch.tensor of Python lists costs ~10x more
         slots = torch.from_numpy(np.array([s.slot for s in seqs]))
-        batch = next(b for b in self._buckets if b > slots.max())
+        top = int(slots.max())
+        batch = next(b for b in self._buckets if b > top)
         inputs = torch.zeros(5, batch, dtype=torch.long)
         inputs[3] = 1  # empty slots: one (scratch) key, written at slot 0 of the scratch block
         pos = [len(s.tokens) - 1 for s in seqs]
