@@ -19,7 +19,8 @@ stage=${AX_STAGE:-$(mktemp -d)}
 [ -n "${AX_STAGE:-}" ] || trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/whl" && rm -rf "$stage/whl"/* "$stage/site"
 # axolotl 0.19's own pins where it has one, else the versions of constraints/axolotl.txt
-dl "$stage/whl" axolotl==0.19.0 transformers==5.16.1 trl==1.9.0 datasets==4.8.4 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
+dl "$stage/whl" axolotl==0.19.0 transformers==5.16.1 trl==1.9.0 datasets==4.8.4 \
+    dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
     fsspec==2025.10.0 `# datasets 4.8 refuses fsspec >2026.2` \
     pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
     requests==2.34.2 urllib3==2.8.0 charset-normalizer==3.5.2 certifi==2026.10.18 \

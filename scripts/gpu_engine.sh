@@ -53,7 +53,7 @@ chain() {
 
 case ${1:-} in
 start)
-    rm -rf $LOGS && mkdir -p $LOGS $E/repo
+    rm -rf $LOGS $E/repo && mkdir -p $LOGS $E/repo
     # a later call's working tree lacks .device: the chain reads its own copies
     rm -rf $E/device_site && cp -r .device/site $E/device_site && cp -r m1_plugins benchmarks tests pyproject.toml $E/repo/ ||
         start_failed $LOGS "copying the repository"

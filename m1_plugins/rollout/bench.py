@@ -102,6 +102,7 @@ def run_point(engine, batch, prompt_len, gen_len, runs, vocab):
 def bench_model(name, args, progress):
     device, dtype = args["device"], args["dtype"]
     model = build(name, args["tiny"], device, dtype, args["mamba_state_dtype"])
+    params = sum(p.numel() for p in model.parameters())
     max_len = args["prompt_len"] + max(args["gen_lens"])
     t0 = time.perf_counter()
     engine = M1Engine(model, max_num_seqs=max(args["batch_sizes"]), max_model_len=max_len,
@@ -127,14 +128,14 @@ def bench_model(name, args, progress):
         if args["peak_bandwidth"]:
             row["roofline"] = traffic["total"] / step_s / args["peak_bandwidth"]
             if args["peak_flops"]:  # every parameter is in one matrix product per token (tied LM head included)
-                flops = 2 * sum(p.numel() for p in model.parameters()) * concurrency
+                flops = 2 * params * concurrency
                 row["roofline_with_flops"] = step_lower_bound(traffic, flops, args["peak_bandwidth"],
                                                               args["peak_flops"]) / step_s
         if device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         progress(row)
     sizes = state_bytes_per_token(model.config, dtype.itemsize)
-    info = {"model": name, "params": sum(p.numel() for p in model.parameters()), "setup_s": round(setup_s, 1),
+    info = {"model": name, "params": params, "setup_s": round(setup_s, 1),
             "kv_capacity_tokens": capacity, "graph_captures": engine.stats.graph_captures,
             "state_bytes_per_seq": sizes["mamba_bytes_per_sequence"], "kv_bytes_per_token": sizes["kv_bytes_per_token"]}
     del engine, model

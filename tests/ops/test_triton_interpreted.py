@@ -1,8 +1,8 @@
 """Our inference kernels (the decode step's conv-state update, the row-tiled gated RMSNorm) against their PyTorch
 references, on CPU through Triton's interpreter (TRITON_INTERPRET=1): their indexing, masking and in-place writes
 are checked in CI, not only on the GPU machine (tests/gpu/test_kernels_gpu.py repeats the comparisons with the
-compiled kernels in bf16 and fp32). The paged-attention
-kernel cannot run there: its loop bounds are loaded from memory, which Triton 3.6's interpreter refuses.
+compiled kernels in bf16 and fp32). The paged-attention kernel cannot run there: its loop bounds are loaded from
+memory, which Triton 3.6's interpreter refuses.
 
 The interpreter is chosen when a kernel is defined, so the checks run in a fresh process (this file as a script),
 which prints the largest errors as JSON.
@@ -55,9 +55,10 @@ def interpreted_errors() -> dict:
 
     # the custom ops' declarations (schema, mutated arguments, fake outputs) agree with what the kernels do, as
     # torch.compile relies on them in the engine's decode graph; opcheck raises otherwise
-    torch.library.opcheck(conv_state_update, (wide[:, :dim], torch.randn(batch + 2, dim, 3)[:batch],
-                                              torch.randn(dim, 4), torch.randn(dim), True))
-    torch.library.opcheck(rmsnorm_gated_rows, (torch.randn(2, 5, 96), torch.randn(96), zz[..., :96], 1e-5, 16))
+    x_view, state_view = torch.randn(3, 40)[:, :32], torch.randn(5, 32, 3)[:3]  # strided, as in the decode step
+    torch.library.opcheck(conv_state_update, (x_view, state_view, torch.randn(32, 4), torch.randn(32), True))
+    z_view = torch.randn(2, 5, 120)[..., :96]
+    torch.library.opcheck(rmsnorm_gated_rows, (torch.randn(2, 5, 96), torch.randn(96), z_view, 1e-5, 16))
 
     return errors
 
