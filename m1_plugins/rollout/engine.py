@@ -6,6 +6,11 @@ batch-size bucket on GPU, an eager forward on CPU), then samples. Continuous bat
 its slot and KV blocks at once and a waiting one takes them at the next step. When the KV pool runs out, the
 youngest running sequence is preempted and later resumed by prefilling its prompt plus what it generated.
 
+The host works one step behind the GPU: a step's sampled tokens stay on the device, where they are the next
+decode step's inputs, and the host reads them (stop tokens, callbacks, bookkeeping) only after it has queued the
+next step, so that its Python work overlaps the GPU's instead of adding to it. The cost: a sequence that stops on
+a stop token runs one more step, whose token is dropped (one that ends by length is known in advance and does not).
+
 Memory is planned once: Mamba state slots for `max_num_seqs` sequences, then KV blocks from what is left of
 `gpu_memory_utilization` after the weights, the slots and the measured peak of the largest prefill. Nothing is
 allocated while generating, so a workload larger than memory waits instead of running out of memory.
@@ -89,6 +94,7 @@ class _Sequence:
     slot: int = -1
     blocks: list[int] = field(default_factory=list)
     order: int = 0  # admission order: the youngest is preempted first
+    in_flight: int = 0  # tokens sampled on the device, not yet appended to `tokens`
 
     @property
     def num_generated(self) -> int:
@@ -132,6 +138,7 @@ class M1Engine:
         self._finished: dict[str, RequestOutput] = {}
         self._ids = itertools.count()
         self._order = itertools.count()
+        self._pending = None  # the last step's sampled tokens, not yet read by the host: see `_apply_pending`
         self.state = None
         self.wake_up()
 
@@ -144,7 +151,8 @@ class M1Engine:
             self.model.to(self.device)
         S = self.max_num_seqs
         self._max_blocks = math.ceil(self.max_model_len / self.block_size)
-        # ids, positions, KV slots, context lengths (graph inputs), then the running sequences' slots (sampler rows)
+        # ids (written by the sampler on the device), positions, KV slots, context lengths (graph inputs), then the
+        # running sequences' slots (sampler rows); rows are indexed by slot
         self._step_inputs = torch.zeros(5, S, dtype=torch.long, device=self.device)
         self._slot_sampling = torch.zeros(3, S, device=self.device)  # temperature, top_k, top_p of each slot
         self._block_tables = torch.zeros(S, self._max_blocks, dtype=torch.long, device=self.device)
@@ -300,7 +308,7 @@ class M1Engine:
         return [self._finished.pop(i) for i in ids]
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._pending)
 
     def step(self):
         """One prefill of newly admitted sequences, or else one decode step of all running ones."""
@@ -314,6 +322,8 @@ class M1Engine:
         elif self.running:
             self._decode()
             self.stats.decode_seconds += time.perf_counter() - start
+        elif self._pending:  # tokens of sequences that had already stopped
+            self._apply_pending()
         elif self.waiting:
             raise RuntimeError("a waiting request can never be admitted (checked at submission): engine bug")
         self.stats.max_running = max(self.stats.max_running, len(self.running))
@@ -356,32 +366,47 @@ class M1Engine:
         self.waiting.appendleft([seq])
         self.stats.preemptions += 1
 
-    def _reserve_decode_blocks(self):
-        """Give every running sequence the block its next token goes to, preempting the youngest when none is free."""
-        for seq in sorted(self.running, key=lambda s: s.order):
-            if seq.slot < 0:  # preempted in this loop
-                continue
-            if (len(seq.tokens) - 1) // self.block_size < len(seq.blocks):
-                continue
-            while not self.free_blocks:
-                victim = max(self.running, key=lambda s: s.order)
-                self._preempt(victim)
-                if victim is seq:
-                    break
+    @staticmethod
+    def _next_position(seq: _Sequence) -> int:
+        """Position of the token the next decode step feeds (the last sampled, maybe still on the device)."""
+        return len(seq.tokens) - 1 + seq.in_flight
+
+    def _ends_in_flight(self, seq: _Sequence) -> bool:
+        """Whether the tokens in flight reach max_tokens or max_model_len: the sequence needs no further step."""
+        length = len(seq.tokens) + seq.in_flight
+        return length - len(seq.request.prompt) >= seq.request.sampling.max_tokens or length >= self.max_model_len
+
+    def _reserve_decode_blocks(self, seqs: list[_Sequence]):
+        """Give every sequence the block its next token goes to, preempting the youngest when none is free."""
+        for seq in sorted(seqs, key=lambda s: s.order):
+            if seq.slot < 0 or self._next_position(seq) // self.block_size < len(seq.blocks):
+                continue  # finished or preempted in this loop, or its block is there
+            if not self.free_blocks:
+                # read the tokens in flight first: stopped sequences free their blocks, and a preempted one must
+                # resume from all its tokens
+                self._apply_pending()
+            while not self.free_blocks and seq.slot >= 0:
+                self._preempt(max(self.running, key=lambda s: s.order))
             if seq.slot >= 0:
                 block = self.free_blocks.pop()
                 self._table_writes.append((seq.slot, len(seq.blocks), block))
                 seq.blocks.append(block)
 
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """Copy without waiting for the GPU (a copy from pageable memory would wait for the queued steps)."""
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     def _flush_slot_params(self):
         if self._slot_params:
-            slot, *params = torch.tensor(self._slot_params, dtype=torch.float32).T.to(self.device)
+            slot, *params = self._to_device(torch.tensor(self._slot_params, dtype=torch.float32).T)
             self._slot_sampling[:, slot.long()] = torch.stack(params)
             self._slot_params = []
 
     def _flush_table_writes(self):
         if self._table_writes:
-            slot, index, block = torch.tensor(self._table_writes, dtype=torch.long).T.to(self.device)
+            slot, index, block = self._to_device(torch.tensor(self._table_writes, dtype=torch.long).T)
             self._block_tables.index_put_((slot, index), block)
             self._table_writes = []
 
@@ -398,12 +423,11 @@ class M1Engine:
         lengths = [len(s.tokens) for s in leaders]
         positions = torch.cat([torch.arange(n) for n in lengths])
         blocks = torch.cat([torch.tensor(s.blocks)[torch.arange(n) // self.block_size] for s, n in zip(leaders, lengths)])
-        to_device = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         logits = self._forward_prefill(
-            to_device(torch.tensor([t for s in leaders for t in s.tokens])),
-            to_device(torch.tensor([0, *itertools.accumulate(lengths)])),
-            to_device(torch.tensor([s.slot for s in leaders])),
-            to_device(blocks * self.block_size + positions % self.block_size),
+            self._to_device(torch.tensor([t for s in leaders for t in s.tokens])),
+            self._to_device(torch.tensor([0, *itertools.accumulate(lengths)])),
+            self._to_device(torch.tensor([s.slot for s in leaders])),
+            self._to_device(blocks * self.block_size + positions % self.block_size),
         )
         self.stats.prefill_forwards += 1
         for group in groups:
@@ -413,7 +437,7 @@ class M1Engine:
         rows = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(list(map(len, groups))))
         seqs = [s for g in groups for s in g]
         self.running += seqs
-        self._append_samples(seqs, logits[rows.to(self.device)], torch.tensor([s.slot for s in seqs]).to(self.device))
+        self._sample(seqs, logits[self._to_device(rows)], self._to_device(torch.tensor([s.slot for s in seqs])))
 
     def _decode_forward(self, batch: int) -> torch.Tensor:
         ids, positions, slot_mapping, context_lens = self._step_inputs[:4, :batch]
@@ -427,24 +451,25 @@ class M1Engine:
         return out.logits[:, -1]
 
     def _decode(self):
-        self._reserve_decode_blocks()
-        seqs = self.running
-        if not seqs:  # all preempted: the next step prefills them again
+        seqs = [s for s in self.running if not self._ends_in_flight(s)]
+        self._reserve_decode_blocks(seqs)
+        seqs = [s for s in seqs if s.slot >= 0]
+        if not seqs:  # all end with their tokens in flight, or all were preempted (the next step prefills them)
+            self._apply_pending()
             return
         # the host's share of every step: numpy arrays, as torch.tensor of Python lists costs ~10x more
         slots = torch.from_numpy(np.array([s.slot for s in seqs]))
         top = int(slots.max())
         batch = next(b for b in self._buckets if b > top)
-        inputs = torch.zeros(5, batch, dtype=torch.long)
-        inputs[3] = 1  # empty slots: one (scratch) key, written at slot 0 of the scratch block
-        pos = [len(s.tokens) - 1 for s in seqs]
+        inputs = torch.zeros(4, batch, dtype=torch.long)  # rows 1.. of the step inputs: the ids are on the device
+        inputs[2] = 1  # empty slots: one (scratch) key, written at slot 0 of the scratch block
+        pos = [self._next_position(s) for s in seqs]
         bs = self.block_size
-        inputs[:4, slots] = torch.from_numpy(np.array([
-            [s.tokens[-1] for s in seqs], pos,
-            [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, pos)], [p + 1 for p in pos],
+        inputs[:3, slots] = torch.from_numpy(np.array([
+            pos, [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, pos)], [p + 1 for p in pos],
         ]))
-        inputs[4, :len(seqs)] = slots
-        self._step_inputs[:, :batch].copy_(inputs, non_blocking=True)
+        inputs[3, :len(seqs)] = slots
+        self._step_inputs[1:, :batch].copy_(self._to_device(inputs))
         self._flush_table_writes()
         if batch in self._graphs:
             graph, logits = self._graphs[batch]
@@ -453,17 +478,41 @@ class M1Engine:
             logits = self._decode_forward(batch)
         self.stats.decode_steps += 1
         rows = self._step_inputs[4, :len(seqs)]
-        self._append_samples(list(seqs), logits[rows], rows)
+        self._sample(seqs, logits[rows], rows)
 
-    def _append_samples(self, seqs: list[_Sequence], logits: torch.Tensor, slots: torch.Tensor):
-        """Sample the next token of `seqs` (in `slots`) from their logits rows; finish those that stop."""
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, slots: torch.Tensor):
+        """Queue the sampling of the next token of `seqs` (in `slots`) from their logits rows, its tokens written as
+        the next decode inputs of those slots; then, while the GPU works, read the previous step's tokens."""
         self._flush_slot_params()
         temperature, top_k, top_p = self._slot_sampling[:, slots]
         generators = [s.generator for s in seqs]
-        tokens, logprobs = sample(logits, temperature, top_k, top_p, generators if any(generators) else None,
-                                  logprobs=any(s.request.sampling.logprobs for s in seqs))
+        tokens, logprobs = sample(logits, temperature, top_k, top_p, [s.request.sampling for s in seqs],
+                                  generators if any(generators) else None)
+        self._step_inputs[0].index_copy_(0, slots, tokens)
+        for seq in seqs:
+            seq.in_flight += 1
+        to_host = lambda t: None if t is None else t.to("cpu", non_blocking=True)  # noqa: E731  (pinned: async)
+        pending = [seqs, to_host(tokens), to_host(logprobs), None]
+        if self.device.type == "cuda":
+            pending[3] = torch.cuda.Event()
+            pending[3].record()  # after the copies to the host: `_apply_pending` waits for it
+        self._apply_pending()
+        self._pending = pending
+
+    def _apply_pending(self):
+        """Append the last step's sampled tokens to their sequences (waiting for the GPU if it is not done) and
+        finish those that stop."""
+        if self._pending is None:
+            return
+        seqs, tokens, logprobs, done = self._pending
+        self._pending = None
+        if done is not None:
+            done.synchronize()
         logprobs = [None] * len(seqs) if logprobs is None else logprobs.tolist()
         for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs):
+            seq.in_flight -= 1
+            if seq.slot < 0:  # it stopped at the step before: this token was computed ahead and is dropped
+                continue
             seq.tokens.append(token)
             seq.logprobs.append(logprob)
             reason = self._finish_reason(seq, token)
@@ -483,6 +532,7 @@ class M1Engine:
     def abort(self, request_ids=None) -> int:
         """Finish the given unfinished requests (default: all) now. Their samples keep the tokens generated so far,
         with finish_reason "abort". Returns the number of requests aborted."""
+        self._apply_pending()
         hit = lambda seq: request_ids is None or seq.request.request_id in request_ids  # noqa: E731
         requests = {id(s.request) for s in [*self.running, *(s for g in self.waiting for s in g)] if hit(s)}
         for seq in [s for s in self.running if hit(s)]:

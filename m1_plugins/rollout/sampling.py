@@ -51,29 +51,31 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def sample(logits, temperature, top_k, top_p, generators=None, generator=None, logprobs=True):
-    """logits: (rows, vocab); per-row temperature / top_k / top_p tensors. Returns (tokens, logprobs), both (rows,);
-    logprobs is None when not asked for (`logprobs=False`).
+def sample(logits, temperature, top_k, top_p, params: list[SamplingParams], generators=None):
+    """logits: (rows, vocab); per-row temperature / top_k / top_p tensors, and the rows' `params` (the same values
+    on the host: what to compute is decided from them, so that sampling never waits for the GPU). Returns (tokens,
+    logprobs), both (rows,) on the logits' device; logprobs is None when no row asks for them.
 
-    `generators[i]` (or None) draws row i alone; the other rows share `generator` in one call.
+    `generators[i]` (or None) draws row i alone; the other rows share the default generator in one call.
     """
-    greedy = temperature == 0
-    all_greedy = bool(greedy.all())
-    if all_greedy and not logprobs:  # one read of the logits instead of several fp32 copies of them
+    want_logprobs = any(p.logprobs for p in params)
+    all_greedy = all(p.temperature == 0 for p in params)
+    if all_greedy and not want_logprobs:  # one read of the logits instead of several fp32 copies of them
         return logits.argmax(-1), None
     logits = logits.float()
+    greedy = temperature == 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     tokens = logits.argmax(-1)
     if not all_greedy:
         filtered = scaled
-        if bool((top_k > 0).any() | (top_p < 1).any()):
+        if any(p.top_k > 0 or p.top_p < 1 for p in params):
             filtered = filter_logits(scaled, top_k, top_p)
         probs = filtered.softmax(-1)
-        drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        drawn = torch.multinomial(probs, 1)[:, 0]
         for i, g in enumerate(generators or ()):
             if g is not None:
                 drawn[i] = torch.multinomial(probs[i], 1, generator=g)[0]
         tokens = torch.where(greedy, tokens, drawn)
-    if not logprobs:
+    if not want_logprobs:
         return tokens, None
     return tokens, scaled.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]

@@ -101,6 +101,34 @@ def test_continuous_batching_and_preemption_give_the_static_batch_tokens(make_mo
     assert tokens(continuous) == tokens(static) == tokens(preempted)
 
 
+def test_the_host_one_step_behind_drops_the_token_after_a_stop_and_frees_the_slot(make_model):
+    """The host reads a step's tokens only after queuing the next step: a sequence that stops on a stop token has
+    run one step more, whose token is never reported, and its slot goes to a waiting request; one that ends by
+    length is known in advance and runs no extra step."""
+    model = make_model(attn_layers=[1, 3])
+    reference = twin(model)
+    prompts = [p + [i] for i, p in enumerate(PROMPTS * 2)]
+    expected = [stepwise_greedy(reference, p, 20) for p in prompts]
+    stop = expected[0][4]
+    sampling = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop])
+    engine = engine_for(model, max_num_seqs=2)
+    reported = [[] for _ in prompts]
+    ids = [engine.add_request(p, sampling, on_token=lambda i, token, lp, reason, k=k: reported[k].append(token))
+           for k, p in enumerate(prompts)]
+    while engine.has_unfinished():
+        engine.step()
+    for k, (request_id, tokens) in enumerate(zip(ids, expected)):
+        out = engine._finished.pop(request_id).samples[0]
+        cut = tokens.index(stop) + 1 if stop in tokens else 20
+        assert out.token_ids == tokens[:cut] == reported[k]
+        assert out.finish_reason == ("stop" if stop in tokens else "length")
+    assert len(engine.free_slots) == 2 and len(engine.free_blocks) == engine.stats.num_blocks - 1
+
+    engine = engine_for(model)
+    engine.generate([PROMPTS[1]], GREEDY)
+    assert engine.stats.decode_steps == GREEDY.max_tokens - 1  # the first token comes from the prefill
+
+
 def test_load_weights_changes_the_outputs_in_place(make_model):
     model, other = make_model(attn_layers=[1, 3], seed=0), make_model(attn_layers=[1, 3], seed=1)
     engine = engine_for(model)
