@@ -70,12 +70,13 @@ def sample(logits, temperature, top_k, top_p, params: list[SamplingParams], gene
         filtered = scaled
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             filtered = filter_logits(scaled, top_k, top_p)
-        probs = filtered.softmax(-1)
-        drawn = torch.multinomial(probs, 1)[:, 0]
+        # argmax(p / E) with E ~ Exp(1) draws from p: what torch.multinomial does for one sample, without the
+        # device sync of its input check (the engine queues the next step while this one runs)
+        noise = torch.empty_like(filtered).exponential_()
         for i, g in enumerate(generators or ()):
             if g is not None:
-                drawn[i] = torch.multinomial(probs[i], 1, generator=g)[0]
-        tokens = torch.where(greedy, tokens, drawn)
+                noise[i].exponential_(generator=g)
+        tokens = torch.where(greedy, tokens, (filtered.softmax(-1) / noise).argmax(-1))
     if not want_logprobs:
         return tokens, None
     return tokens, scaled.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]

@@ -120,6 +120,27 @@ def test_bf16_logprobs_match_the_training_forward(device, record):
     assert diff.abs().max() <= 0.25 and diff.abs().mean() <= 0.02 and kl <= 1e-3
 
 
+def test_decode_steps_never_wait_for_the_gpu(device):
+    """The host queues a decode step, then reads the previous step's tokens through an event: nothing else in a step
+    may synchronise with the GPU (a `.tolist()` of a device tensor, a copy from pageable memory, torch.multinomial's
+    input check), or the host's work stops overlapping the GPU's. Greedy, seeded and unseeded sampling, new KV
+    blocks and finishing sequences included."""
+    engine = make_engine(make_model("m1", device))
+    samplings = [SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
+                 SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=70, ignore_eos=True, seed=1),
+                 SamplingParams(temperature=1.0, max_tokens=90, ignore_eos=True, logprobs=True)]
+    ids = [engine.add_request(p, s) for p, s in zip(PROMPTS, samplings * 2)]
+    while engine.waiting:
+        engine.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [len(engine._finished.pop(i).samples[0].token_ids) for i in ids] == [100, 70, 90, 100]
+
+
 def test_load_weights_keeps_the_graphs_and_sleep_frees_the_cache(device):
     engine = make_engine(make_model("m1", device))
     captures = engine.stats.graph_captures
