@@ -9,9 +9,10 @@
 #   ENGINE_TESTS=1: tests/gpu/test_engine_gpu.py (kernels vs references, graphs vs eager) and the kernel tests of
 #     the decode step's own Triton kernels (conv-state update, inference gated norm)
 #   M1_JOBS, separated by ';': "bench ARGS" runs `m1 bench ARGS`, "profile MODEL BATCH CONTEXT" runs
-#     benchmarks/profile_decode.py (uncompiled). Default: the M1 hybrid's batch sweep 8..512 at generation 4096 and
-#     its length sweep at batch 128, a profile at batch 512, then the all-attention model's batch sweep (two 16-token
-#     warm-ups and one timed run per point).
+#     benchmarks/profile_decode.py (uncompiled). Default: the issue's headline points, mean of 3 timed runs after two
+#     16-token warm-ups — the M1 hybrid at batch 256 and 512 and the all-attention model at its largest batch (256),
+#     generation 4096 — then the M1 hybrid at batch 128 x 16k (one run) and a profile at batch 512.
+#     The full sweeps of session 5: M1_JOBS="bench --models m1 --batch-sizes 8,16,32,64,128,256,512 --repeats 1 ..."
 # Output: $OUT/engine_gpu.tar.gz (logs/: *.log, bench_*.json / .md, status).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +21,10 @@ OUT=${OUT:-runs/gpu}
 E=/tmp/eng
 LOGS=$E/logs
 export PYTHONPATH="$E/device_site:$E/repo" PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$E/inductor
-SWEEP="--gen-len 4096 --warmup 2 --warmup-len 16 --repeats 1"
-M1_JOBS=${M1_JOBS:-"bench --models m1 --batch-sizes 8,16,32,64,128,256,512 $SWEEP --gen-lens 1024,2048,8192;\
-profile m1 512 2304;bench --models llama --batch-sizes 8,16,32,64,128,256 $SWEEP"}
+SWEEP="--gen-len 4096 --warmup 2 --warmup-len 16"
+M1_JOBS=${M1_JOBS:-"bench --models m1 --batch-sizes 256,512 $SWEEP --repeats 3;\
+bench --models llama --batch-sizes 256 $SWEEP --repeats 3;\
+bench --models m1 --batch-sizes 128 --gen-len 16384 --warmup 2 --warmup-len 16 --repeats 1;profile m1 512 2304"}
 
 chain() {
     if [ "${ENGINE_TESTS:-0}" = 1 ]; then
