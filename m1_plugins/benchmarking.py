@@ -72,8 +72,9 @@ def versions():
 
     out["m1_plugins"] = m1_plugins.__version__
     try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                           timeout=10).stdout.strip() or None
+        # "-dirty": the files differ from that commit (e.g. uncommitted work copied to a GPU machine)
+        out["git_commit"] = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=REPO,
+                                           capture_output=True, text=True, timeout=10).stdout.strip() or None
     except Exception:  # noqa: BLE001
         out["git_commit"] = None
     return out
