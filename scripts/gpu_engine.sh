@@ -9,10 +9,13 @@
 #   ENGINE_TESTS=1: tests/gpu/test_engine_gpu.py (kernels vs references, graphs vs eager) and the kernel tests of
 #     the decode step's own Triton kernels (conv-state update, inference gated norm)
 #   M1_JOBS, separated by ';': "bench ARGS" runs `m1 bench ARGS`, "profile MODEL BATCH CONTEXT" runs
-#     benchmarks/profile_decode.py (uncompiled). Default: the issue's headline points, mean of 3 timed runs after two
-#     16-token warm-ups — the M1 hybrid at batch 256 and 512 and the all-attention model at its largest batch (256),
-#     generation 4096 — then the M1 hybrid at batch 128 x 16k (one run) and a profile at batch 512.
-#     The full sweeps of session 5: M1_JOBS="bench --models m1 --batch-sizes 8,16,32,64,128,256,512 --repeats 1 ..."
+#     benchmarks/profile_decode.py (uncompiled). Default, in order of what issue 3 still owes (each bench's JSON is
+#     written after every point, so what finishes counts): M1 at batch 512 with bf16 SSM state (mean of 3); the
+#     all-attention model and M1 at batch 128 x 16k (the ratio where the Transformer's pool limits its batch); M1 at
+#     128 x 32k within an 80 GB GPU's budget (0.5 of the H200's 143,771 MiB ~ 0.9 of an H100's 81,559 MiB, the
+#     default): admission and preemption, never out of memory.
+#     Session 6's jobs: M1_JOBS="bench --models m1 --batch-sizes 256,512 $SWEEP --repeats 3;bench --models llama
+#     --batch-sizes 256 $SWEEP --repeats 3;bench --models m1 --batch-sizes 128 --gen-len 16384 ...;profile m1 512 2304"
 # Output: $OUT/engine_gpu.tar.gz (logs/: *.log, bench_*.json / .md, status).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +25,9 @@ E=/tmp/eng
 LOGS=$E/logs
 export PYTHONPATH="$E/device_site:$E/repo" PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$E/inductor
 SWEEP="--gen-len 4096 --warmup 2 --warmup-len 16"
-M1_JOBS=${M1_JOBS:-"bench --models m1 --batch-sizes 256,512 $SWEEP --repeats 3;\
-bench --models llama --batch-sizes 256 $SWEEP --repeats 3;\
-bench --models m1 --batch-sizes 128 --gen-len 16384 --warmup 2 --warmup-len 16 --repeats 1;profile m1 512 2304"}
+M1_JOBS=${M1_JOBS:-"bench --models m1 --batch-sizes 512 $SWEEP --repeats 3 --mamba-state-dtype model;\
+bench --models llama,m1 --batch-sizes 128 --gen-len 16384 --warmup 2 --warmup-len 16 --repeats 1;\
+bench --models m1 --batch-sizes 128 --gen-len 32768 --warmup 2 --warmup-len 16 --repeats 1 --gpu-memory-utilization 0.5"}
 
 chain() {
     if [ "${ENGINE_TESTS:-0}" = 1 ]; then

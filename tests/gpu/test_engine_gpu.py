@@ -23,11 +23,11 @@ LAYOUTS = {
 }
 
 
-def make_model(layout, device, dtype=torch.float32, seed=0, backend="cuda"):
+def make_model(layout, device, dtype=torch.float32, seed=0, backend="cuda", mamba_state_dtype="float32"):
     torch.manual_seed(seed)
     config = M1Config(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4, attn_layers=[1, 3],
                       max_position_embeddings=4096, initializer_range=0.05, pad_token_id=0, eos_token_id=None,
-                      mamba_kernels=backend, **LAYOUTS[layout])
+                      mamba_kernels=backend, mamba_state_dtype=mamba_state_dtype, **LAYOUTS[layout])
     return M1ForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
@@ -99,9 +99,11 @@ def test_graphs_equal_eager_and_the_models_own_decoding(layout, device, record):
     assert out == [[e, e] for e in expected]
 
 
-def test_bf16_logprobs_match_the_training_forward(device, record):
-    """Sampled at temperature 1: the engine's log-probs vs a packed training-path forward of the same tokens."""
-    model = make_model("m1", device, dtype=torch.bfloat16)
+@pytest.mark.parametrize("state_dtype", ["float32", "model"])
+def test_bf16_logprobs_match_the_training_forward(state_dtype, device, record):
+    """Sampled at temperature 1: the engine's log-probs vs a packed training-path forward of the same tokens, with the
+    engine's SSM state slots in fp32 (the default) or in bf16 (`mamba_state_dtype="model"`: half the state traffic)."""
+    model = make_model("m1", device, dtype=torch.bfloat16, mamba_state_dtype=state_dtype)
     engine = make_engine(model)
     outputs = engine.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=200, ignore_eos=True, seed=0))
     trainer = make_model("m1", device, dtype=torch.bfloat16)
