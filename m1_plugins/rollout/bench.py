@@ -167,6 +167,44 @@ def markdown(report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: list[dict], path: Path, title: str) -> bool:
+    """path (.png): tokens/s against the batch (one line per model and generation length) and against the generation
+    length (one line per model and batch), for the series with two points or more. False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    panels = [("batch", "gen_len", "batch (sequences decoded together)"), ("gen_len", "batch", "new tokens per sequence")]
+    series = []
+    for x, fixed, label in panels:
+        lines = {}
+        for r in results:
+            lines.setdefault((r["model"], r[fixed]), []).append((r[x], r["tokens_per_s"]))
+        lines = {key: sorted(points) for key, points in lines.items() if len({p[0] for p in points}) > 1}
+        if lines:
+            series.append((fixed, label, lines))
+    if not series:
+        return False
+    fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4), squeeze=False)
+    for ax, (fixed, label, lines) in zip(axes[0], series):
+        for (model, value), points in lines.items():
+            ax.plot(*zip(*points), "-o", label=f"{model}, {fixed.replace('_', ' ')} {value}")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set(xlabel=label, ylabel="generated tokens/s", ylim=(0, None))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def _ints(value):
     return [int(v) for v in value.split(",") if v.strip()]
 
@@ -191,7 +229,8 @@ def _ints(value):
 @click.option("--mamba-state-dtype", type=click.Choice(["float32", "model"]), default="float32", show_default=True,
               help="SSM state slots in fp32 or in the model's dtype (bf16 on GPU: half the state traffic).")
 @click.option("--tiny", is_flag=True, help="A tiny model of the same structure (CPU smoke test).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="JSON report (and .md next to it).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="JSON report, and next to it a .md table "
+              "and a .png plot of tokens/s against batch and generation length (the plot needs matplotlib).")
 def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_len, warmup, warmup_len, repeats,
                   gpu_memory_utilization, kv_cache_tokens, peak_bandwidth, peak_flops, mamba_state_dtype, tiny, out):
     """Tokens/s of the generation engine: the M1 hybrid vs the all-attention model, same engine, same harness."""
@@ -219,6 +258,7 @@ def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_l
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=1))
             out.with_suffix(".md").write_text(markdown(report))
+            plot(report["results"], out.with_suffix(".png"), f"M1 engine, {report['hardware'].get('gpu', report['hardware'].get('cpu'))}")
 
     with tqdm(total=len(names) * len(points), desc="bench", unit="point") as bar:
         def progress(row):

@@ -33,19 +33,20 @@ def test_generate_prints_samples_and_refuses_a_transformer(smollm2_dir, make_mod
 
 def test_bench_tiny_writes_a_table(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["--tiny", "--models", "m1,llama", "--batch-sizes", "2", "--gen-len", 8, "--gen-lens", "4",
+    args = ["--tiny", "--models", "m1,llama", "--batch-sizes", "2,3", "--gen-len", 8, "--gen-lens", "4",
             "--length-batch", 3, "--warmup", 1, "--warmup-len", 2, "--repeats", 1, "--out", out,
             "--peak-bandwidth", 1e10, "--peak-flops", 1e12, "--mamba-state-dtype", "model"]
     result = CliRunner().invoke(bench_command, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert [(r["model"], r["batch"], r["gen_len"]) for r in report["results"]] == [
-        ("m1", 2, 8), ("m1", 3, 4), ("llama", 2, 8), ("llama", 3, 4)]
+        ("m1", 2, 8), ("m1", 3, 8), ("m1", 3, 4), ("llama", 2, 8), ("llama", 3, 8), ("llama", 3, 4)]
     assert all(r["tokens_per_s"] > 0 and r["max_running"] == r["batch"] for r in report["results"])
     assert report["settings"]["mamba_state_dtype"] == "model"
     # counting the matrix products' FLOPs can only raise the lower bound of a step
     assert all(r["roofline_with_flops"] >= r["roofline"] * (1 - 1e-9) > 0 for r in report["results"])
     assert "| m1 | 2 | 8 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # against batch and against length
     bad = CliRunner().invoke(bench_command, ["--models", "gpt"])
     assert bad.exit_code != 0 and "unknown models ['gpt']" in bad.output
 
