@@ -311,7 +311,8 @@ class M1Engine:
         return bool(self.waiting or self.running or self._pending)
 
     def step(self):
-        """One prefill of newly admitted sequences, or else one decode step of all running ones."""
+        """One prefill of newly admitted sequences, or else one decode step of all running ones; the tokens sampled
+        by the step before are appended (and `on_token` called) while this one runs on the GPU."""
         if self.state is None:
             raise RuntimeError("the engine is asleep: call wake_up() first")
         start = time.perf_counter()
