@@ -7,7 +7,7 @@
 # The chain, in this order (each step's log in the archive, and `m1 bench`'s JSON written after every point, so an
 # interrupted run keeps what it measured):
 #   ENGINE_TESTS=1: tests/gpu/test_engine_gpu.py (kernels vs references, graphs vs eager) and the kernel tests of
-#     the decode step's own Triton kernels (conv-state update, inference gated norm)
+#     the decode step's own Triton kernels (conv-state update, inference gated norm, small-head state update)
 #   M1_JOBS, separated by ';': "bench ARGS" runs `m1 bench ARGS`, "profile MODEL BATCH CONTEXT" runs
 #     benchmarks/profile_decode.py (uncompiled). Default, in order of what issue 3 still owes (each bench's JSON is
 #     written after every point, so what finishes counts): M1 at batch 512 with bf16 SSM state (mean of 3); the
@@ -33,6 +33,7 @@ chain() {
     if [ "${ENGINE_TESTS:-0}" = 1 ]; then
         (cd $E/repo && M1_GPU_REPORT=$LOGS/engine_errors.jsonl timeout 360 python3 -m pytest tests/gpu/test_engine_gpu.py \
             tests/gpu/test_kernels_gpu.py::test_causal_conv1d tests/gpu/test_kernels_gpu.py::test_rmsnorm_gated \
+            tests/gpu/test_kernels_gpu.py::test_ssd_step tests/gpu/test_kernels_gpu.py::test_ssd_step_dt_limit \
             -v -p no:cacheprovider -rfE >$LOGS/engine_tests.log 2>&1)
         echo "engine tests: exit $?" >>$LOGS/status
     fi

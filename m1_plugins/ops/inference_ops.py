@@ -2,7 +2,8 @@
 
 torch.compile cannot trace the kernel's Python launcher; as a custom op it is a single opaque node, so the engine's
 compiled decode step is one graph (no graph break per layer, hence no recompilation per layer instance). Our own
-inference kernels (`_conv_update_triton`, `_gated_norm_triton`) are custom ops for the same reason.
+inference kernels (`_conv_update_triton`, `_gated_norm_triton`, `_state_update_triton`) are custom ops for the same
+reason.
 """
 
 import torch

@@ -163,17 +163,22 @@ def ssd_chunk_scan(
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0, math.inf), backend="reference"):
-    """`ssd_step_ref` (softplus on) or mamba-ssm's `selective_state_update` (same shapes as the ref)."""
+    """`ssd_step_ref` (softplus on) or, on CUDA, a state-update kernel (same shapes as the ref): ours for small
+    heads (`_state_update_triton`, M1's 16 x 16), mamba-ssm's `selective_state_update` otherwise."""
     if backend != "cuda":
         return ssd_step_ref(state, x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_limit=dt_limit)
     batch, nheads, headdim = x.shape
     softplus = True
-    if dt_limit != (0.0, math.inf):  # the kernel has no dt_limit: discretise here
+    if dt_limit != (0.0, math.inf):  # the kernels have no dt_limit: discretise here
         dt = _discretize_dt(dt, dt_bias, True, dt_limit, torch.float32)
         dt_bias, softplus = None, False
-    if dt_bias is None:  # the kernel reads dt_bias's strides unconditionally
-        dt_bias = torch.zeros(nheads, device=x.device, dtype=torch.float32)
     dstate = state.shape[-1]
+    from . import _state_update_triton
+
+    if _state_update_triton.fits(headdim, dstate) and state.stride()[1:] == (headdim * dstate, dstate, 1):
+        return _state_update_triton.state_update(state, x, dt, A, B, C, D, dt_bias, softplus)
+    if dt_bias is None:  # mamba-ssm's kernel reads dt_bias's strides unconditionally
+        dt_bias = torch.zeros(nheads, device=x.device, dtype=torch.float32)
     # stride-0 views over headdim / dstate: the kernel's "tied" fast path
     return inference_ops.selective_state_update(
         state, x, dt[..., None].expand(batch, nheads, headdim),
