@@ -1,8 +1,9 @@
 """The host's share of an engine decode step: scheduling, step inputs, sampling bookkeeping, without the model.
 
 The model's decode forward is replaced by fixed logits, so what is timed is the Python and tensor-building work that
-the GPU machine does between two CUDA-graph replays (there it is not overlapped with them). Runs on CPU; the tiny
-model only sizes the cache.
+the host does per decode step. On the GPU it overlaps the step's graph replay (the engine works one step behind the
+GPU), so it costs nothing as long as it stays below the replay's time (~17 ms at batch 512 on an H200); this measures
+that margin. Runs on CPU; the tiny model only sizes the cache.
 
   PYTHONPATH=. python benchmarks/host_overhead.py --batch-sizes 64,256,512
 """
