@@ -16,8 +16,7 @@ TILE = 4096  # state elements per program: BLOCK_H heads of P x N
 
 def fits(head_dim: int, d_state: int) -> bool:
     """Heads this kernel takes: power-of-two sizes (Triton's blocks) of at most 16 x 32 elements."""
-    pow2 = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
-    return pow2(head_dim) and pow2(d_state) and head_dim * d_state <= 512
+    return all(v > 0 and v & (v - 1) == 0 for v in (head_dim, d_state)) and head_dim * d_state <= 512
 
 
 @triton.jit
