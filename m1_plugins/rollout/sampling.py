@@ -76,6 +76,7 @@ def sample(logits, temperature, top_k, top_p, params: list[SamplingParams], gene
         for i, g in enumerate(generators or ()):
             if g is not None:
                 noise[i].exponential_(generator=g)
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a draw of exactly 0 would make 0 / 0 = NaN, argmax's pick
         tokens = torch.where(greedy, tokens, (filtered.softmax(-1) / noise).argmax(-1))
     if not want_logprobs:
         return tokens, None
