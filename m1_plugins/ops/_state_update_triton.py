@@ -4,7 +4,7 @@ mamba-ssm's `selective_state_update` runs one program per (sequence, head, block
 heads that is a 1 KB fp32 state tile per program with half of its rows masked, and it reached ~51% of the HBM
 bandwidth on an H200 at batch 512 (docs/benchmarks.md). Here a program takes BLOCK_H whole heads of one sequence, a
 contiguous 16 KB of state, and reads and writes it once. Larger heads keep mamba-ssm's kernel, whose tiling suits
-them (`fits`).
+them (`takes`).
 """
 
 import torch
@@ -14,9 +14,12 @@ import triton.language as tl
 TILE = 4096  # state elements per program: BLOCK_H heads of P x N
 
 
-def fits(head_dim: int, d_state: int) -> bool:
-    """Heads this kernel takes: power-of-two sizes (Triton's blocks) of at most 16 x 32 elements."""
-    return all(v > 0 and v & (v - 1) == 0 for v in (head_dim, d_state)) and head_dim * d_state <= 512
+def takes(state: torch.Tensor) -> bool:
+    """Whether this kernel updates `state` (batch, nheads, P, N): power-of-two heads (Triton's blocks) of at most
+    512 elements (16 x 32), each sequence's heads contiguous (as the engine's slots)."""
+    P, N = state.shape[-2:]
+    pow2 = all(v > 0 and v & (v - 1) == 0 for v in (P, N))
+    return pow2 and P * N <= 512 and state.stride()[1:] == (P * N, N, 1)
 
 
 @triton.jit
@@ -54,11 +57,11 @@ def _state_update_kernel(S, X, DT, A, B, C, D, DT_BIAS, Y, nheads, heads_per_gro
 @torch.library.custom_op("m1::state_update_small_heads", mutates_args=("state",))  # one opaque node for torch.compile
 def state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  C: torch.Tensor, D: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool) -> torch.Tensor:
-    """`ssd_step_ref`'s shapes: state (batch, nheads, P, N), each sequence's block contiguous (as the engine's slots);
-    x (batch, nheads, P); dt (batch, nheads); A, D, dt_bias (nheads,); B, C (batch, ngroups, N)."""
+    """`ssd_step_ref`'s shapes: state (batch, nheads, P, N), see `takes`; x (batch, nheads, P); dt (batch, nheads);
+    A, D, dt_bias (nheads,); B, C (batch, ngroups, N)."""
     batch, nheads, P = x.shape
     N = state.shape[-1]
-    if not fits(P, N) or state.stride()[1:] != (P * N, N, 1):
+    if not takes(state):
         raise ValueError(f"state_update takes power-of-two heads of <= 512 elements and contiguous per-sequence states, "
                          f"got heads of {P} x {N} and state strides {state.stride()}")
     x = x if x.stride()[1:] == (P, 1) else x.contiguous()

@@ -172,13 +172,13 @@ def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0, math.in
     if dt_limit != (0.0, math.inf):  # the kernels have no dt_limit: discretise here
         dt = _discretize_dt(dt, dt_bias, True, dt_limit, torch.float32)
         dt_bias, softplus = None, False
-    dstate = state.shape[-1]
     from . import _state_update_triton
 
-    if _state_update_triton.fits(headdim, dstate) and state.stride()[1:] == (headdim * dstate, dstate, 1):
+    if _state_update_triton.takes(state):
         return _state_update_triton.state_update(state, x, dt, A, B, C, D, dt_bias, softplus)
     if dt_bias is None:  # mamba-ssm's kernel reads dt_bias's strides unconditionally
         dt_bias = torch.zeros(nheads, device=x.device, dtype=torch.float32)
+    dstate = state.shape[-1]
     # stride-0 views over headdim / dstate: the kernel's "tied" fast path
     return inference_ops.selective_state_update(
         state, x, dt[..., None].expand(batch, nheads, headdim),

@@ -145,9 +145,13 @@ def bench_model(name, args, progress):
     return info
 
 
+def _device_name(report) -> str:
+    return report["hardware"].get("gpu", report["hardware"].get("cpu"))
+
+
 def markdown(report) -> str:
-    s, hw = report["settings"], report["hardware"]
-    lines = [f"Generation throughput, M1 engine, {hw.get('gpu', hw.get('cpu'))}, {s['dtype']}, greedy, ignore_eos, "
+    s = report["settings"]
+    lines = [f"Generation throughput, M1 engine, {_device_name(report)}, {s['dtype']}, greedy, ignore_eos, "
              f"prompt {s['prompt_len']}, {s['warmup']} warm-up run(s) of {s['warmup_len']} tokens then the mean of "
              f"{s['repeats']} timed run(s); shape {s['shape']}, random weights.", "",
              "| model | batch | gen len | tokens/s | ms/step | concurrent | GB/step | HBM roofline | roofline with "
@@ -258,7 +262,7 @@ def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_l
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=1))
             out.with_suffix(".md").write_text(markdown(report))
-            plot(report["results"], out.with_suffix(".png"), f"M1 engine, {report['hardware'].get('gpu', report['hardware'].get('cpu'))}")
+            plot(report["results"], out.with_suffix(".png"), f"M1 engine, {_device_name(report)}")
 
     with tqdm(total=len(names) * len(points), desc="bench", unit="point") as bar:
         def progress(row):

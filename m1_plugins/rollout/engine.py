@@ -493,12 +493,12 @@ class M1Engine:
         for seq in seqs:
             seq.in_flight += 1
         to_host = lambda t: None if t is None else t.to("cpu", non_blocking=True)  # noqa: E731  (pinned: async)
-        pending = [seqs, to_host(tokens), to_host(logprobs), None]
+        tokens, logprobs, done = to_host(tokens), to_host(logprobs), None
         if self.device.type == "cuda":
-            pending[3] = torch.cuda.Event()
-            pending[3].record()  # after the copies to the host: `_apply_pending` waits for it
+            done = torch.cuda.Event()
+            done.record()  # after the copies to the host: `_apply_pending` waits for it
         self._apply_pending()
-        self._pending = pending
+        self._pending = (seqs, tokens, logprobs, done)
 
     def _apply_pending(self):
         """Append the last step's sampled tokens to their sequences (waiting for the GPU if it is not done) and

@@ -58,10 +58,12 @@ def interpreted_errors() -> dict:
     # state update: M1's heads (one group per head, 16 x 16) and grouped B/C with smaller heads, a head count that
     # leaves the last program's block partly empty; x, B, C strided views of one row (as the mixer splits it), the
     # state the first rows of the slots; with D and dt_bias (softplus), and without (dt already discretised)
+    relative = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()  # noqa: E731
     for nheads, headdim, dstate, ngroups in ((20, 16, 16, 20), (24, 8, 16, 6)):
         for full in (True, False):
             width = nheads * headdim + 2 * ngroups * dstate
-            A, D, dt_bias = -torch.rand(nheads) * 4, torch.randn(nheads), torch.randn(nheads) if full else None
+            A = -torch.rand(nheads) * 4
+            D, dt_bias = (torch.randn(nheads), torch.randn(nheads)) if full else (None, None)
             slots = torch.randn(batch + 2, nheads, headdim, dstate)
             ref_state, state = slots[:batch].clone(), slots.clone()
             key = f"state update {nheads}x{headdim}x{dstate} groups {ngroups}{' D softplus' if full else ''}"
@@ -70,10 +72,8 @@ def interpreted_errors() -> dict:
                 x, B, C = row.split([nheads * headdim, ngroups * dstate, ngroups * dstate], dim=-1)
                 x, B, C = x.view(batch, nheads, headdim), B.view(batch, ngroups, dstate), C.view(batch, ngroups, dstate)
                 dt = torch.randn(batch, nheads) if full else torch.rand(batch, nheads)
-                expected = ssd_step_ref(ref_state, x, dt, A, B, C, D=D if full else None, dt_bias=dt_bias,
-                                        dt_softplus=full)
-                got = state_update(state[:batch], x, dt, A, B, C, D if full else None, dt_bias, full)
-                relative = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()  # noqa: E731
+                expected = ssd_step_ref(ref_state, x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=full)
+                got = state_update(state[:batch], x, dt, A, B, C, D, dt_bias, full)
                 errors[key] = max(errors.get(key, 0.0), relative(got, expected), relative(state[:batch], ref_state))
             errors[key + " other slots untouched"] = (state[batch:] - slots[batch:]).abs().max().item()
 
