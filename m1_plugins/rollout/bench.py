@@ -6,8 +6,9 @@ architectures, not of two code bases). Each point: `batch` prompts of `prompt_le
 `ignore_eos`, `gen_len` new tokens each; warm-up runs first, then the mean of the timed runs.
 
 Reported per point: generated tokens/s (batch x gen_len / wall time of `generate`, prefill included), ms per
-decode step, the concurrency the KV pool allowed, peak memory, and the bytes a decode step must move (weights once,
-Mamba states read + written, KV of the whole context read, one token of KV written) with the fraction of the
+decode step, the concurrency the KV pool allowed (most and mean sequences per step), preemptions, peak memory, and the
+bytes a decode step must move, averaged over the steps run (weights once, the Mamba states of the sequences decoded
+read + written, the KV of their whole contexts read, one token of KV each written) with the fraction of the
 GPU's HBM bandwidth that reaches (roofline = bytes per step / step time / peak bandwidth). Above a batch of ~200 the
 matrix products are compute-bound (2 x params x batch FLOPs against the weights' bytes), so a second fraction takes
 the step's lower bound as max(weights / bandwidth, FLOPs / peak FLOP/s) + (state + KV) / bandwidth.
@@ -52,13 +53,14 @@ def build(name, tiny, device, dtype, mamba_state_dtype="float32"):
         return M1ForCausalLM(bench_config(name, tiny, device, mamba_state_dtype)).to(dtype).eval()
 
 
-def bytes_per_step(model, batch: int, context: float) -> dict:
-    """Minimum HBM traffic of one decode step at a mean context length."""
+def bytes_per_step(model, batch: float, kv_tokens: float) -> dict:
+    """Minimum HBM traffic of one decode step of `batch` sequences that attend to `kv_tokens` context tokens in all
+    (means over the steps run: preemption makes both vary)."""
     c = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     sizes = state_bytes_per_token(c, model.dtype.itemsize)
     state = 2 * batch * sizes["mamba_bytes_per_sequence"]  # read + write
-    kv = batch * sizes["kv_bytes_per_token"] * (context + 1)  # the context read, one token written
+    kv = kv_tokens * sizes["kv_bytes_per_token"]  # the context read (the new token's key and value written with it)
     return {"weights": weights, "state": state, "kv": kv, "total": weights + state + kv}
 
 
@@ -93,8 +95,8 @@ def run_point(engine, batch, prompt_len, gen_len, runs, vocab):
         s = engine.stats
         results.append({
             "seconds": seconds, "decode_s": s.decode_seconds - stats_before["decode_seconds"],
-            "decode_steps": s.decode_steps - stats_before["decode_steps"], "max_running": s.max_running,
-            "preemptions": s.preemptions - stats_before["preemptions"],
+            "max_running": s.max_running, **{k: getattr(s, k) - stats_before[k] for k in (
+                "decode_steps", "decode_rows", "decode_kv_tokens", "preemptions")},
         })
     return results
 
@@ -116,19 +118,21 @@ def bench_model(name, args, progress):
         timed = run_point(engine, batch, args["prompt_len"], gen_len, args["repeats"], model.config.vocab_size)
         seconds = statistics.mean(r["seconds"] for r in timed)
         step_s = statistics.mean(r["decode_s"] / r["decode_steps"] for r in timed)
-        concurrency = max(r["max_running"] for r in timed)
-        traffic = bytes_per_step(model, concurrency, args["prompt_len"] + gen_len / 2)
+        steps = sum(r["decode_steps"] for r in timed)
+        mean_batch = sum(r["decode_rows"] for r in timed) / steps
+        traffic = bytes_per_step(model, mean_batch, sum(r["decode_kv_tokens"] for r in timed) / steps)
         row = {
             "model": name, "batch": batch, "gen_len": gen_len, "tokens_per_s": batch * gen_len / seconds,
             "seconds": [round(r["seconds"], 3) for r in timed], "ms_per_step": 1e3 * step_s,
-            "max_running": concurrency, "preemptions": sum(r["preemptions"] for r in timed),
+            "max_running": max(r["max_running"] for r in timed), "mean_running": round(mean_batch, 2),
+            "preemptions": sum(r["preemptions"] for r in timed),
             "gb_per_step": traffic["total"] / 1e9, "traffic_gb": {k: round(v / 1e9, 3) for k, v in traffic.items()},
             "warmup_s": [round(r["seconds"], 2) for r in warm],
         }
         if args["peak_bandwidth"]:
             row["roofline"] = traffic["total"] / step_s / args["peak_bandwidth"]
             if args["peak_flops"]:  # every parameter is in one matrix product per token (tied LM head included)
-                flops = 2 * params * concurrency
+                flops = 2 * params * mean_batch
                 row["roofline_with_flops"] = step_lower_bound(traffic, flops, args["peak_bandwidth"],
                                                               args["peak_flops"]) / step_s
         if device.type == "cuda":
@@ -154,14 +158,15 @@ def markdown(report) -> str:
     lines = [f"Generation throughput, M1 engine, {_device_name(report)}, {s['dtype']}, greedy, ignore_eos, "
              f"prompt {s['prompt_len']}, {s['warmup']} warm-up run(s) of {s['warmup_len']} tokens then the mean of "
              f"{s['repeats']} timed run(s); shape {s['shape']}, random weights.", "",
-             "| model | batch | gen len | tokens/s | ms/step | concurrent | GB/step | HBM roofline | roofline with "
-             "GEMM FLOPs | peak mem GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | batch | gen len | tokens/s | ms/step | running (max / mean) | preemptions | GB/step | HBM roofline "
+             "| roofline with GEMM FLOPs | peak mem GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         roof = " | ".join(f"{r[k]:.0%}" if k in r else "-" for k in ("roofline", "roofline_with_flops"))
         mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['gen_len']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} "
-                     f"| {r['max_running']} | {r['gb_per_step']:.2f} | {roof} | {mem} |")
+                     f"| {r['max_running']} / {r['mean_running']:.0f} | {r['preemptions']} | {r['gb_per_step']:.2f} "
+                     f"| {roof} | {mem} |")
     lines += [""] + [f"- {m['model']}: {m['params'] / 1e9:.3f}B params, KV pool {m['kv_capacity_tokens']:,} tokens, "
                      f"{m['kv_bytes_per_token']:,} KV bytes/token, {m['state_bytes_per_seq']:,} Mamba-state bytes/sequence, "
                      f"{m['graph_captures']} CUDA graphs, setup {m['setup_s']} s" for m in report["models"]]

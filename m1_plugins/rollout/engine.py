@@ -66,6 +66,8 @@ class EngineStats:
     graph_captures: int = 0
     prefill_forwards: int = 0
     decode_steps: int = 0
+    decode_rows: int = 0  # sequences decoded, summed over the decode steps
+    decode_kv_tokens: int = 0  # context tokens each decoded sequence attends to (its new one included), summed
     preemptions: int = 0
     max_running: int = 0
     num_blocks: int = 0
@@ -478,6 +480,8 @@ class M1Engine:
         else:
             logits = self._decode_forward(batch)
         self.stats.decode_steps += 1
+        self.stats.decode_rows += len(seqs)
+        self.stats.decode_kv_tokens += sum(pos) + len(pos)
         rows = self._step_inputs[4, :len(seqs)]
         self._sample(seqs, logits[rows], rows)
 

@@ -125,8 +125,11 @@ def test_the_host_one_step_behind_drops_the_token_after_a_stop_and_frees_the_slo
     assert len(engine.free_slots) == 2 and len(engine.free_blocks) == engine.stats.num_blocks - 1
 
     engine = engine_for(model)
-    engine.generate([PROMPTS[1]], GREEDY)
-    assert engine.stats.decode_steps == GREEDY.max_tokens - 1  # the first token comes from the prefill
+    engine.generate(PROMPTS[:2], GREEDY)
+    steps = GREEDY.max_tokens - 1  # the first token comes from the prefill
+    assert (engine.stats.decode_steps, engine.stats.decode_rows) == (steps, 2 * steps)
+    # what `m1 bench` charges each step for the KV read: every context token, the one being decoded included
+    assert engine.stats.decode_kv_tokens == sum(len(p) + k + 1 for p in PROMPTS[:2] for k in range(steps))
 
 
 def test_load_weights_changes_the_outputs_in_place(make_model):
