@@ -9,12 +9,12 @@
 #   ENGINE_TESTS=1: tests/gpu/test_engine_gpu.py (kernels vs references, graphs vs eager) and the kernel tests of
 #     the decode step's own Triton kernels (conv-state update, inference gated norm, small-head state update)
 #   M1_JOBS, separated by ';': "bench ARGS" runs `m1 bench ARGS`, "profile MODEL BATCH CONTEXT" runs
-#     benchmarks/profile_decode.py (uncompiled). Default (session 7), in order of what issue 3 still owes (each
-#     bench's JSON is written after every point, so what finishes counts): M1 at batch 512 with fp32 then bf16 SSM
-#     state (one timed run each: session 6's three runs were within 0.5%), both with the small-head state-update
-#     kernel; M1 at 128 x 32k within an 80 GB GPU's budget (0.51 of the H200's 143,771 MiB = 0.9 of an H100's 81,559
-#     MiB, the default): admission and preemption, never out of memory; both models at batch 128 x 8k side by side
-#     (the longest generation at which the all-attention model's pool still holds 128 sequences).
+#     benchmarks/profile_decode.py (uncompiled). Default (session 8), what issue 3 still owes (each bench's JSON is
+#     written after every point, so what finishes counts): both models at batch 128 x 1k..8k side by side (8k: the
+#     longest generation at which the all-attention model's pool still holds 128 sequences); the batch sweep 8..128
+#     with the mean of 3 runs on the current engine (session 5's had one run per point, on an older engine).
+#     Session 7's jobs: M1_JOBS="bench --models m1 --batch-sizes 512 $SWEEP --repeats 1;<the same>
+#     --mamba-state-dtype model;bench --models m1 --batch-sizes 128 --gen-len 32768 ... --gpu-memory-utilization 0.51"
 #     Session 6's jobs: M1_JOBS="bench --models m1 --batch-sizes 256,512 $SWEEP --repeats 3;bench --models llama
 #     --batch-sizes 256 $SWEEP --repeats 3;bench --models m1 --batch-sizes 128 --gen-len 16384 ...;profile m1 512 2304"
 # Output: $OUT/engine_gpu.tar.gz (logs/: *.log, bench_*.json / .md, status).
@@ -26,10 +26,8 @@ E=/tmp/eng
 LOGS=$E/logs
 export PYTHONPATH="$E/device_site:$E/repo" PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$E/inductor
 SWEEP="--gen-len 4096 --warmup 2 --warmup-len 16"
-M1_JOBS=${M1_JOBS:-"bench --models m1 --batch-sizes 512 $SWEEP --repeats 1;\
-bench --models m1 --batch-sizes 512 $SWEEP --repeats 1 --mamba-state-dtype model;\
-bench --models m1 --batch-sizes 128 --gen-len 32768 --warmup 2 --warmup-len 16 --repeats 1 --gpu-memory-utilization 0.51;\
-bench --models llama,m1 --batch-sizes 128 --gen-len 8192 --warmup 2 --warmup-len 16 --repeats 1"}
+M1_JOBS=${M1_JOBS:-"bench --models llama,m1 --batch-sizes 128 --gen-len 8192 --gen-lens 1024,2048,4096 --length-batch 128 \
+--warmup 2 --warmup-len 16 --repeats 1;bench --models m1,llama --batch-sizes 8,16,32,64,128 $SWEEP --repeats 3"}
 
 chain() {
     if [ "${ENGINE_TESTS:-0}" = 1 ]; then
