@@ -53,14 +53,11 @@ def build(name, tiny, device, dtype, mamba_state_dtype="float32"):
         return M1ForCausalLM(bench_config(name, tiny, device, mamba_state_dtype)).to(dtype).eval()
 
 
-def bytes_per_step(model, batch: float, kv_tokens: float) -> dict:
-    """Minimum HBM traffic of one decode step of `batch` sequences that attend to `kv_tokens` context tokens in all
-    (means over the steps run: preemption makes both vary)."""
-    c = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    sizes = state_bytes_per_token(c, model.dtype.itemsize)
-    state = 2 * batch * sizes["mamba_bytes_per_sequence"]  # read + write
-    kv = kv_tokens * sizes["kv_bytes_per_token"]  # the context read (the new token's key and value written with it)
+def step_traffic(weights: float, state_per_seq: float, kv_per_token: float, batch: float, kv_tokens: float) -> dict:
+    """Minimum HBM bytes of one decode step of `batch` sequences that attend to `kv_tokens` context tokens in all:
+    the weights once, each sequence's Mamba state read and written, the context's KV read (the new token's key and
+    value written with it)."""
+    state, kv = 2 * batch * state_per_seq, kv_tokens * kv_per_token
     return {"weights": weights, "state": state, "kv": kv, "total": weights + state + kv}
 
 
@@ -105,6 +102,8 @@ def bench_model(name, args, progress):
     device, dtype = args["device"], args["dtype"]
     model = build(name, args["tiny"], device, dtype, args["mamba_state_dtype"])
     params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    sizes = state_bytes_per_token(model.config, dtype.itemsize)
     max_len = args["prompt_len"] + max(args["gen_lens"])
     t0 = time.perf_counter()
     engine = M1Engine(model, max_num_seqs=max(args["batch_sizes"]), max_model_len=max_len,
@@ -120,7 +119,8 @@ def bench_model(name, args, progress):
         step_s = statistics.mean(r["decode_s"] / r["decode_steps"] for r in timed)
         steps = sum(r["decode_steps"] for r in timed)
         mean_batch = sum(r["decode_rows"] for r in timed) / steps
-        traffic = bytes_per_step(model, mean_batch, sum(r["decode_kv_tokens"] for r in timed) / steps)
+        traffic = step_traffic(weight_bytes, sizes["mamba_bytes_per_sequence"], sizes["kv_bytes_per_token"], mean_batch,
+                               sum(r["decode_kv_tokens"] for r in timed) / steps)  # means over the steps run
         row = {
             "model": name, "batch": batch, "gen_len": gen_len, "tokens_per_s": batch * gen_len / seconds,
             "seconds": [round(r["seconds"], 3) for r in timed], "ms_per_step": 1e3 * step_s,
@@ -138,7 +138,6 @@ def bench_model(name, args, progress):
         if device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         progress(row)
-    sizes = state_bytes_per_token(model.config, dtype.itemsize)
     info = {"model": name, "params": params, "setup_s": round(setup_s, 1),
             "kv_capacity_tokens": capacity, "graph_captures": engine.stats.graph_captures,
             "state_bytes_per_seq": sizes["mamba_bytes_per_sequence"], "kv_bytes_per_token": sizes["kv_bytes_per_token"]}

@@ -1,6 +1,9 @@
 """`m1 generate` and `m1 bench` on CPU: real outputs from the engine, clear errors."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +78,15 @@ def test_bf16_state_halves_the_ssm_state_bytes():
                   for d in ("float32", "model"))
     # M1-3B: 22 Mamba layers x (SSM 3072 x 16 fp32 or bf16 + conv 9216 x 3 bf16)
     assert (fp32, bf16) == (22 * (3072 * 16 * 4 + 9216 * 3 * 2), 22 * (3072 * 16 * 2 + 9216 * 3 * 2))
+
+
+def test_engine_floors_from_the_recorded_reports():
+    """benchmarks/engine_floors.py on the committed H200 reports: the ceilings docs/benchmarks.md quotes for the
+    3.5x target (M1 at 512 against the all-attention model at 251 sequences of 4,352 tokens: 2.85x)."""
+    root = Path(__file__).resolve().parents[2]
+    reports = [root / "docs/results/gpu" / f for f in ("engine_bench_m1_b512_fp32state_h200_s7.json",
+                                                       "engine_bench_llama_b256_h200_s6.json")]
+    result = subprocess.run([sys.executable, root / "benchmarks/engine_floors.py", *reports, "--gen-lens", "4096,32768"],
+                            capture_output=True, text=True, check=True)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 4,096") or line.startswith("| 32,768")]
+    assert rows == ["| 4,096 | 512 | 46,262 | 251 | 16,241 | 2.85x |", "| 32,768 | 146 | 10,193 | 33 | 2,282 | 4.47x |"]
