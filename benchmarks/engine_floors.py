@@ -15,11 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m1_plugins.rollout.bench import step_lower_bound, step_traffic  # noqa: E402
-
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def floors(report: dict, gen_lens: list[int], max_batch: int) -> list[tuple[int, float]]:
@@ -29,7 +29,7 @@ def floors(report: dict, gen_lens: list[int], max_batch: int) -> list[tuple[int,
     out = []
     for gen in gen_lens:
         batch = min(max_batch, model["kv_capacity_tokens"] // (s["prompt_len"] + gen))
-        traffic = step_traffic(model["params"] * DTYPE_BYTES[s["dtype"]], model["state_bytes_per_seq"],
+        traffic = step_traffic(model["params"] * getattr(torch, s["dtype"]).itemsize, model["state_bytes_per_seq"],
                                model["kv_bytes_per_token"], batch, batch * (s["prompt_len"] + gen / 2 + 1))
         step = step_lower_bound(traffic, 2 * model["params"] * batch, s["peak_bandwidth"], s["peak_flops"])
         out.append((batch, batch / step))
