@@ -9,12 +9,9 @@
 #   ENGINE_TESTS=1: tests/gpu/test_engine_gpu.py (kernels vs references, graphs vs eager) and the kernel tests of
 #     the decode step's own Triton kernels (conv-state update, inference gated norm, small-head state update)
 #   M1_JOBS, separated by ';': "bench ARGS" runs `m1 bench ARGS`, "profile MODEL BATCH CONTEXT" runs
-#     benchmarks/profile_decode.py (uncompiled). Default (session 8), what issue 3 still owes (each bench's JSON is
-#     written after every point, so what finishes counts): the ratio to the all-attention model where
-#     benchmarks/engine_floors.py says it can pass 3.5x, each model at its largest batch (8k new tokens: the
-#     all-attention model at 128, with its length sweep 1k..4k, and M1 at 512; 16k: 64 and 256); then the batch
-#     sweep 8..128 with the mean of 3 runs on the current engine (session 5's had one run per point, on an older
-#     engine).
+#     benchmarks/profile_decode.py (uncompiled). Default: session 8's jobs (docs/benchmarks.md): each model at its
+#     largest batch at 8k new tokens (M1 at 512; the all-attention model at 128, with its length sweep 1k, 2k at 128),
+#     then the batch sweep 8..128 of both with the mean of 3 runs.
 #     Session 7's jobs: M1_JOBS="bench --models m1 --batch-sizes 512 $SWEEP --repeats 1;<the same>
 #     --mamba-state-dtype model;bench --models m1 --batch-sizes 128 --gen-len 32768 ... --gpu-memory-utilization 0.51"
 #     Session 6's jobs: M1_JOBS="bench --models m1 --batch-sizes 256,512 $SWEEP --repeats 3;bench --models llama
@@ -29,9 +26,8 @@ LOGS=$E/logs
 export PYTHONPATH="$E/device_site:$E/repo" PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$E/inductor
 SWEEP="--gen-len 4096 --warmup 2 --warmup-len 16"
 LONG="--warmup 2 --warmup-len 16 --repeats 1"
-M1_JOBS=${M1_JOBS:-"bench --models llama --batch-sizes 128 --gen-len 8192 --gen-lens 1024,2048,4096 --length-batch 128 $LONG;\
-bench --models m1 --batch-sizes 512 --gen-len 8192 $LONG;bench --models llama --batch-sizes 64 --gen-len 16384 $LONG;\
-bench --models m1 --batch-sizes 256 --gen-len 16384 $LONG;\
+M1_JOBS=${M1_JOBS:-"bench --models m1 --batch-sizes 512 --gen-len 8192 $LONG;\
+bench --models llama --batch-sizes 128 --gen-len 8192 --gen-lens 1024,2048 --length-batch 128 $LONG;\
 bench --models m1,llama --batch-sizes 8,16,32,64,128 $SWEEP --repeats 3"}
 
 chain() {
