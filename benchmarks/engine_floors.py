@@ -31,7 +31,7 @@ def floors(report: dict, gen_lens: list[int], max_batch: int) -> list[tuple[int,
         batch = min(max_batch, model["kv_capacity_tokens"] // (s["prompt_len"] + gen))
         traffic = step_traffic(model["params"] * getattr(torch, s["dtype"]).itemsize, model["state_bytes_per_seq"],
                                model["kv_bytes_per_token"], batch, batch * (s["prompt_len"] + gen / 2 + 1))
-        step = step_lower_bound(traffic, 2 * model["params"] * batch, s["peak_bandwidth"], s["peak_flops"])
+        step = step_lower_bound(traffic, model["params"], batch, s["peak_bandwidth"], s["peak_flops"])
         out.append((batch, batch / step))
     return out
 

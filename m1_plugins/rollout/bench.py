@@ -61,8 +61,10 @@ def step_traffic(weights: float, state_per_seq: float, kv_per_token: float, batc
     return {"weights": weights, "state": state, "kv": kv, "total": weights + state + kv}
 
 
-def step_lower_bound(traffic: dict, flops: float, bandwidth: float, peak_flops: float) -> float:
-    """Seconds a decode step needs at least: the matrix products bound by bytes or FLOPs, the rest by bytes."""
+def step_lower_bound(traffic: dict, params: float, batch: float, bandwidth: float, peak_flops: float) -> float:
+    """Seconds a decode step of `batch` sequences needs at least: the matrix products bound by bytes or FLOPs (every
+    parameter is in one product per token, tied LM head included), the rest by bytes."""
+    flops = 2 * params * batch
     return max(traffic["weights"] / bandwidth, flops / peak_flops) + (traffic["state"] + traffic["kv"]) / bandwidth
 
 
@@ -131,9 +133,8 @@ def bench_model(name, args, progress):
         }
         if args["peak_bandwidth"]:
             row["roofline"] = traffic["total"] / step_s / args["peak_bandwidth"]
-            if args["peak_flops"]:  # every parameter is in one matrix product per token (tied LM head included)
-                flops = 2 * params * mean_batch
-                row["roofline_with_flops"] = step_lower_bound(traffic, flops, args["peak_bandwidth"],
+            if args["peak_flops"]:
+                row["roofline_with_flops"] = step_lower_bound(traffic, params, mean_batch, args["peak_bandwidth"],
                                                               args["peak_flops"]) / step_s
         if device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -66,10 +66,10 @@ def test_step_lower_bound_counts_flops_once_the_products_are_compute_bound():
     # the M1-3B step at batch 512 on an H200 (docs/benchmarks.md): 7.42 GB of weights, 5.68 GB of state,
     # 29.0 GB of KV, 2 x 3.71e9 x 512 FLOPs
     traffic = {"weights": 7.423e9, "state": 5.675e9, "kv": 29.004e9}
-    bound = step_lower_bound(traffic, 2 * 3.711e9 * 512, 4.8e12, 989e12)
+    bound = step_lower_bound(traffic, 3.711e9, 512, 4.8e12, 989e12)
     assert bound == pytest.approx(3.842e-3 + 34.679e9 / 4.8e12, rel=1e-3)  # 11.07 ms: FLOPs, not bytes, bound the GEMMs
     # at batch 8 the weights' bytes bound them
-    assert step_lower_bound(traffic, 2 * 3.711e9 * 8, 4.8e12, 989e12) == pytest.approx(sum(traffic.values()) / 4.8e12)
+    assert step_lower_bound(traffic, 3.711e9, 8, 4.8e12, 989e12) == pytest.approx(sum(traffic.values()) / 4.8e12)
 
 
 def test_bf16_state_halves_the_ssm_state_bytes():
