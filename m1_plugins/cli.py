@@ -85,16 +85,18 @@ def teacher(out, overwrite):
               help="m1: SSM state 16 in heads of 16 (the paper); head-aligned: d_state = head_dim, one group per attention head.")
 @click.option("--xb-expansion", type=click.Choice(["repeat", "learned"]), default="repeat", show_default=True,
               help="GQA: repeat K/V heads into x and B, or the paper's learned kv->full linears (initialised as the repeat).")
+@click.option("--gate", type=click.Choice(["open", "random"]), default="open", show_default=True,
+              help="z gate at initialisation: open (silu(z) = 1, zero z rows + bias) or MambaInLlama's random z rows.")
 @click.option("--d-state", type=int, help="Override the SSM state size of the layout.")
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True, help="dtype to load the teacher and save the hybrid in.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the new parameters (z, dt, A).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def convert(teacher_dir, out, attn_layers, num_attn_layers, layout, xb_expansion, d_state, dtype, seed, overwrite):
+def convert(teacher_dir, out, attn_layers, num_attn_layers, layout, xb_expansion, gate, d_state, dtype, seed, overwrite):
     """Initialise an M1 hybrid from a Transformer (MambaInLlama: C<-Q, B<-K, x<-V, out<-O per head)."""
     from .convert import convert_hybrid_dir
 
     summary = convert_hybrid_dir(teacher_dir, out, attn_layers=attn_layers, num_attn_layers=num_attn_layers,
-                                 layout=layout, xb_expansion=xb_expansion, d_state=d_state, dtype=_dtype(dtype),
+                                 layout=layout, xb_expansion=xb_expansion, gate=gate, d_state=d_state, dtype=_dtype(dtype),
                                  seed=seed, overwrite=overwrite)
     click.echo(_format_summary(summary))
 

@@ -3,10 +3,16 @@
 Each replaced attention layer becomes a Mamba-2 mixer with, per head,
     C <- W_Q,  B <- W_K,  x <- W_V,  out_proj <- W_O
 (GQA K/V expanded to all heads, by a repeat or by the paper's learned expansion initialised as that
-repeat). New parameters: the z gate and dt rows of in_proj (normal init), dt_bias and A_log (standard
-Mamba-2 init), D = 1, the gated norm = 1, and the conv = identity (last tap 1), so that at
-initialisation x, B and C are exactly silu(V o), silu(K o), silu(Q o). MLPs, norms, embeddings and
-the kept attention layers are copied exactly: with every layer kept, the hybrid is the teacher.
+repeat). New parameters: the dt rows of in_proj (normal init), dt_bias and A_log (standard Mamba-2 init),
+D = 1, the gated norm = 1, and the conv = identity (last tap 1), so that at initialisation x, B and C are
+exactly silu(V o), silu(K o), silu(Q o). MLPs, norms, embeddings and the kept attention layers are copied
+exactly: with every layer kept, the hybrid is the teacher.
+
+The z gate starts open by default (`gate="open"`, as MOHAWK does): its rows of in_proj are zero and its bias is
+OPEN_GATE_BIAS, so silu(z) = 1 and the mixer's output is the normalised SSM output, the attention's
+analogue. MambaInLlama's random z rows (`gate="random"`) multiply every channel by silu(z) ~ z / 2, a random
+token-dependent sign that the student must first unlearn. The open gate needs in_proj's bias, so the hybrid
+gets `mamba_proj_bias` (zero for every other row, and for out_proj).
 
 Pure functions (`convert_config`, `convert_state_dict`) do the work; `convert_to_hybrid` builds the
 model. The state dict is converted by popping teacher tensors as they are used, so the peak memory
@@ -30,6 +36,8 @@ logger = logging.getLogger(__name__)
 SUPPORTED_TEACHERS = ("llama",)
 LAYOUTS = ("m1", "head-aligned")
 XB_EXPANSIONS = ("repeat", "learned")
+GATES = ("open", "random")
+OPEN_GATE_BIAS = 1.2784645427610737  # silu(b) = b * sigmoid(b) = 1
 PAPER_ATTN_LAYERS = [3, 8, 13, 18, 23, 27]  # M1-3B: 6 of Llama-3.2-3B's 28 layers
 _CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map", "quantization_config")
 _ATTN_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)$")
@@ -42,7 +50,8 @@ def spaced_attn_layers(num_layers: int, num_attn: int) -> list[int]:
     return sorted({round(num_layers - 1 - k * num_layers / num_attn) for k in range(num_attn)})
 
 
-def convert_config(teacher_config, attn_layers, layout: str = "m1", xb_expansion: str = "repeat", **mixer_options) -> M1Config:
+def convert_config(teacher_config, attn_layers, layout: str = "m1", xb_expansion: str = "repeat", gate: str = "open",
+                   **mixer_options) -> M1Config:
     """M1Config for a Llama-family teacher config.
 
     layout "m1": SSM state 16, SSM heads of 16 channels, one B/C group per SSM head (the paper's 192 groups
@@ -59,6 +68,8 @@ def convert_config(teacher_config, attn_layers, layout: str = "m1", xb_expansion
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
     if xb_expansion not in XB_EXPANSIONS:
         raise ValueError(f"xb_expansion must be one of {XB_EXPANSIONS}, got {xb_expansion!r}.")
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}.")
     n_layers = teacher_config.num_hidden_layers
     bad = [i for i in attn_layers if not 0 <= i < n_layers]
     if bad or len(set(attn_layers)) != len(attn_layers):
@@ -83,7 +94,7 @@ def convert_config(teacher_config, attn_layers, layout: str = "m1", xb_expansion
         **{**fields, **options},
         attn_layers=sorted(attn_layers),
         mamba_expand=attn_width // teacher_config.hidden_size,
-        mamba_proj_bias=bool(getattr(teacher_config, "attention_bias", False)),
+        mamba_proj_bias=bool(getattr(teacher_config, "attention_bias", False)) or gate == "open",
         mamba_xb_expansion=n_heads // n_kv if xb_expansion == "learned" else 1,
         architectures=["M1ForCausalLM"],
     )
@@ -100,7 +111,7 @@ def _expand_heads(w: torch.Tensor, n_kv: int, rep: int) -> torch.Tensor:
     return w.unflatten(0, (n_kv, -1)).repeat_interleave(rep, dim=0).flatten(0, 1)
 
 
-def _mixer_from_attention(layer: int, teacher_sd: dict, config: M1Config, generator) -> dict:
+def _mixer_from_attention(layer: int, teacher_sd: dict, config: M1Config, generator, gate: str) -> dict:
     """Mixer parameters of `layer` from its attention projections (popped from `teacher_sd`)."""
     src, dst = f"model.layers.{layer}.self_attn.", f"model.layers.{layer}.mamba."
     q, k, v, o = (teacher_sd.pop(f"{src}{n}_proj.weight") for n in "qkvo")
@@ -114,15 +125,20 @@ def _mixer_from_attention(layer: int, teacher_sd: dict, config: M1Config, genera
     def normal(*shape):
         return torch.empty(*shape, dtype=dtype).normal_(0.0, config.initializer_range, generator=generator)
 
+    z_rows = torch.zeros(d_inner, hidden, dtype=dtype) if gate == "open" else normal(d_inner, hidden)
     out = {
-        dst + "in_proj.weight": torch.cat([normal(d_inner, hidden), x_rows, b_rows, q, normal(n_heads, hidden)]),
+        dst + "in_proj.weight": torch.cat([z_rows, x_rows, b_rows, q, normal(n_heads, hidden)]),
         dst + "out_proj.weight": o,
         dst + "norm.weight": torch.ones(d_inner, dtype=dtype),
     }
     if config.mamba_proj_bias:
-        qb, kb, vb, ob = (teacher_sd.pop(f"{src}{n}_proj.bias") for n in "qkvo")
+        if f"{src}q_proj.bias" in teacher_sd:
+            qb, kb, vb, ob = (teacher_sd.pop(f"{src}{n}_proj.bias") for n in "qkvo")
+        else:  # a teacher without attention biases: the open gate's bias alone is new
+            qb, kb, vb, ob = (torch.zeros(w.shape[0], dtype=dtype) for w in (q, k, v, o))
         xb, bb = (vb, kb) if learned else (_expand_heads(vb, n_kv, rep), _expand_heads(kb, n_kv, rep))
-        out[dst + "in_proj.bias"] = torch.cat([torch.zeros(d_inner, dtype=dtype), xb, bb, qb, torch.zeros(n_heads, dtype=dtype)])
+        zb = torch.full((d_inner,), OPEN_GATE_BIAS if gate == "open" else 0.0, dtype=dtype)
+        out[dst + "in_proj.bias"] = torch.cat([zb, xb, bb, qb, torch.zeros(n_heads, dtype=dtype)])
         out[dst + "out_proj.bias"] = ob
     if learned:  # the learned GQA expansion starts as the repeat
         eye = _expand_heads(torch.eye(v.shape[0], dtype=dtype), n_kv, rep)
@@ -137,7 +153,7 @@ def _mixer_from_attention(layer: int, teacher_sd: dict, config: M1Config, genera
     return out
 
 
-def convert_state_dict(teacher_sd: dict, config: M1Config, seed: int = 0, progress: bool = True) -> dict:
+def convert_state_dict(teacher_sd: dict, config: M1Config, seed: int = 0, progress: bool = True, gate: str = "open") -> dict:
     """Hybrid state dict from a Llama state dict. Pops every tensor it uses from `teacher_sd` and
     fails if any is left over (a key this mapping does not know)."""
     generator = torch.Generator().manual_seed(seed)
@@ -149,7 +165,7 @@ def convert_state_dict(teacher_sd: dict, config: M1Config, seed: int = 0, progre
             out[key] = teacher_sd.pop(key)  # copied exactly (shared storage, no copy)
     mamba_layers = [i for i, kind in enumerate(kinds) if kind == "mamba"]
     for i in tqdm(mamba_layers, desc="attention -> mamba", disable=not progress):
-        out.update(_mixer_from_attention(i, teacher_sd, config, generator))
+        out.update(_mixer_from_attention(i, teacher_sd, config, generator, gate))
     if teacher_sd:
         raise ValueError(f"Teacher tensors not consumed by the conversion (unexpected layout?): {sorted(teacher_sd)[:8]}")
     if config.tie_word_embeddings:
@@ -157,18 +173,18 @@ def convert_state_dict(teacher_sd: dict, config: M1Config, seed: int = 0, progre
     return out
 
 
-def convert_to_hybrid(teacher_model, attn_layers, layout="m1", xb_expansion="repeat", seed=0, share_weights=False,
-                      progress=True, **mixer_options) -> M1ForCausalLM:
+def convert_to_hybrid(teacher_model, attn_layers, layout="m1", xb_expansion="repeat", gate="open", seed=0,
+                      share_weights=False, progress=True, **mixer_options) -> M1ForCausalLM:
     """An M1ForCausalLM initialised from `teacher_model` (a transformers LlamaForCausalLM).
 
     `share_weights=True` lets the hybrid reuse the teacher's tensors for copied parameters (no extra
     memory; the teacher must not be used afterwards); the default copies them.
     """
-    config = convert_config(teacher_model.config, attn_layers, layout, xb_expansion, **mixer_options)
+    config = convert_config(teacher_model.config, attn_layers, layout, xb_expansion, gate, **mixer_options)
     teacher_sd = dict(teacher_model.state_dict())
     if not share_weights:
         teacher_sd = {k: v.clone() for k, v in teacher_sd.items()}
-    state_dict = convert_state_dict(teacher_sd, config, seed=seed, progress=progress)
+    state_dict = convert_state_dict(teacher_sd, config, seed=seed, progress=progress, gate=gate)
     with torch.device("meta"):  # parameters come from the state dict: never allocate them twice
         model = M1ForCausalLM(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
@@ -203,13 +219,13 @@ def conversion_summary(teacher_model, hybrid: M1ForCausalLM) -> dict:
 CONVERSION_RECORD = "m1_conversion.json"  # how a hybrid directory was made (checked by Axolotl's m1_convert_from)
 
 
-def conversion_record(teacher_dir, attn_layers, layout, xb_expansion, d_state=None, seed=0) -> dict:
+def conversion_record(teacher_dir, attn_layers, layout, xb_expansion, gate="open", d_state=None, seed=0) -> dict:
     return {"teacher": str(Path(teacher_dir).resolve()), "attn_layers": list(attn_layers), "layout": layout,
-            "xb_expansion": xb_expansion, "d_state": d_state, "seed": seed}
+            "xb_expansion": xb_expansion, "gate": gate, "d_state": d_state, "seed": seed}
 
 
 def convert_hybrid_dir(teacher_dir, out_dir, attn_layers=None, num_attn_layers=None, layout="m1", xb_expansion="repeat",
-                       d_state=None, dtype=torch.float32, seed=0, overwrite=False) -> dict:
+                       gate="open", d_state=None, dtype=torch.float32, seed=0, overwrite=False) -> dict:
     """Convert the checkpoint in `teacher_dir` and write the hybrid (+ tokenizer) to `out_dir` atomically.
     Returns `conversion_summary` plus the time taken."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -220,7 +236,7 @@ def convert_hybrid_dir(teacher_dir, out_dir, attn_layers=None, num_attn_layers=N
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     if teacher_config.model_type == M1Config.model_type:
         raise ValueError(f"{teacher_dir} is already an M1 hybrid; pass the Transformer it came from as --teacher.")
-    convert_config(teacher_config, [], layout, xb_expansion)  # fail fast on the model type, before loading weights
+    convert_config(teacher_config, [], layout, xb_expansion, gate)  # fail fast on the model type, before loading weights
     if (attn_layers is None) == (num_attn_layers is None):
         raise ValueError("Give exactly one of --attn-layers (e.g. 3,8,13,18,23,27) or --num-attn-layers N.")
     if attn_layers is None:
@@ -233,14 +249,15 @@ def convert_hybrid_dir(teacher_dir, out_dir, attn_layers=None, num_attn_layers=N
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     else:
         logger.warning("%s has no tokenizer; the hybrid is written without one (copy it over before training).", teacher_dir)
-    hybrid = convert_to_hybrid(teacher, attn_layers, layout, xb_expansion, seed=seed, share_weights=True, **mixer_options)
+    hybrid = convert_to_hybrid(teacher, attn_layers, layout, xb_expansion, gate, seed=seed, share_weights=True,
+                               **mixer_options)
     summary = conversion_summary(teacher, hybrid)
     del teacher
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         hybrid.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        record = conversion_record(teacher_dir, attn_layers, layout, xb_expansion, d_state, seed)
+        record = conversion_record(teacher_dir, attn_layers, layout, xb_expansion, gate, d_state, seed)
         (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=1))
     summary["seconds"] = time.perf_counter() - start
     logger.info("wrote the hybrid to %s", out_dir)

@@ -8,9 +8,12 @@ from pydantic import BaseModel, Field, model_validator
 
 
 class M1Args(BaseModel):
-    """Distillation (stage 1) and SFT (stage 2) of M1 hybrids. With `m1_kl_weight: 0` the teacher is not
-    loaded at all and training is plain cross-entropy SFT on the hybrid."""
+    """Attention alignment (`m1_align: true`), distillation (stage 1) and SFT (stage 2) of M1 hybrids. With
+    `m1_kl_weight: 0` the teacher is not loaded at all and training is plain cross-entropy SFT on the hybrid."""
 
+    m1_align: bool = Field(
+        default=False, description="Train only the Mamba mixers to reproduce the teacher's attention layers they "
+                                   "replaced (per-layer alignment, before distillation); m1_kl/ce_weight do not apply.")
     m1_teacher: str | None = Field(default=None, description="Teacher checkpoint directory (shares the student's tokenizer).")
     m1_kl_weight: float = Field(default=1.0, ge=0.0, description="Weight of the KL(student, teacher) term.")
     m1_ce_weight: float = Field(default=0.0, ge=0.0, description="Weight of the cross-entropy term on the labels.")
@@ -29,6 +32,13 @@ class M1Args(BaseModel):
     m1_layout: Literal["m1", "head-aligned"] = Field(default="m1", description="m1_convert_from: the mixer layout.")
     m1_xb_expansion: Literal["repeat", "learned"] = Field(
         default="repeat", description="m1_convert_from: GQA expansion of x and B.")
+    m1_gate: Literal["open", "random"] = Field(default="open", description="m1_convert_from: the z gate's initialisation.")
+    m1_fidelity_data: str | None = Field(
+        default=None, description="JSONL of held-out conversations ({\"messages\": [...]}, e.g. the teacher's own answers "
+                                  "from `m1 data --teacher`): the student's fidelity to the teacher on their last turns is "
+                                  "logged every m1_fidelity_every steps and written to output_dir/m1_fidelity.jsonl.")
+    m1_fidelity_every: int = Field(default=20, gt=0, description="Steps between two fidelity measurements.")
+    m1_fidelity_max_length: int = Field(default=1024, gt=0, description="Tokens per fidelity conversation (cut).")
 
     @model_validator(mode="after")
     def check_m1_keys(self):
@@ -42,14 +52,33 @@ class M1Args(BaseModel):
                 raise ValueError("m1_convert_from needs exactly one of m1_attn_layers (e.g. [3, 8, 13, 18, 23, 27]) "
                                  "or m1_num_attn_layers (e.g. 6).")
             self.m1_teacher = self.m1_teacher or self.m1_convert_from
-        if self.m1_kl_weight > 0:
+        if self.m1_fidelity_data:
+            check_conversations_file(self.m1_fidelity_data, "m1_fidelity_data")
+        if self.m1_align or self.m1_kl_weight > 0 or self.m1_fidelity_data:
             if not self.m1_teacher:
-                raise ValueError("m1_kl_weight > 0 needs m1_teacher: the teacher checkpoint directory "
+                why = "m1_align" if self.m1_align else "m1_fidelity_data" if self.m1_kl_weight == 0 else "m1_kl_weight > 0"
+                raise ValueError(f"{why} needs m1_teacher: the teacher checkpoint directory "
                                  "(or set m1_kl_weight: 0 for SFT without a teacher).")
             if not (Path(self.m1_teacher) / "config.json").is_file():
                 raise ValueError(f"m1_teacher: {self.m1_teacher!r} is not a checkpoint directory (no config.json there). "
                                  "Write one with `m1 teacher --out DIR` or point to a local HF checkpoint.")
         return self
+
+
+def check_conversations_file(path: str, key: str) -> None:
+    """A JSONL file whose first line is an object with a "messages" list: refused in one line otherwise."""
+    import json
+
+    if not Path(path).is_file():
+        raise ValueError(f"{key}: {path!r} does not exist. Write one with `m1 data --teacher DIR --out {path}`.")
+    with open(path) as f:
+        first = f.readline()
+    try:
+        ok = isinstance(json.loads(first).get("messages"), list)
+    except (ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise ValueError(f'{key}: {path} line 1 is not a JSON object with a "messages" list (as `m1 data` writes).')
 
 
 @dataclass
@@ -63,6 +92,10 @@ class M1TrainingArgsMixin:
     m1_kl_temperature: float = 1.0
     m1_loss_chunk_size: int = 512
     m1_teacher_dtype: str | None = None
+    m1_align: bool = False
+    m1_fidelity_data: str | None = None
+    m1_fidelity_every: int = 20
+    m1_fidelity_max_length: int = 1024
 
 
 M1_TRAINING_KEYS = tuple(M1TrainingArgsMixin.__dataclass_fields__)

@@ -24,7 +24,7 @@ def convert_on_load(cfg, log) -> None:
     target = Path(cfg["base_model"])
     layers = args.m1_attn_layers or spaced_attn_layers(
         AutoConfig.from_pretrained(args.m1_convert_from).num_hidden_layers, args.m1_num_attn_layers)
-    wanted = conversion_record(args.m1_convert_from, layers, args.m1_layout, args.m1_xb_expansion)
+    wanted = conversion_record(args.m1_convert_from, layers, args.m1_layout, args.m1_xb_expansion, args.m1_gate)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{target}.lock"):
         if target.exists():
@@ -38,4 +38,4 @@ def convert_on_load(cfg, log) -> None:
             return
         log.info("m1_convert_from: converting %s into %s (attention layers %s)", args.m1_convert_from, target, layers)
         convert_hybrid_dir(args.m1_convert_from, target, attn_layers=layers, layout=args.m1_layout,
-                           xb_expansion=args.m1_xb_expansion)
+                           xb_expansion=args.m1_xb_expansion, gate=args.m1_gate)

@@ -11,7 +11,8 @@ LOG = get_logger("axolotl.integrations.m1")  # Axolotl shows its own namespace a
 class M1Plugin(BasePlugin):
     """Registers the `m1_hybrid` model type (Auto classes and Axolotl's multipack, so packed rows reach the
     model with per-document position_ids), adds the `m1_*` config keys, converts `m1_convert_from` into
-    `base_model` when asked, and supplies the distillation trainer when `m1_kl_weight > 0`."""
+    `base_model` when asked, and supplies the alignment trainer (`m1_align`) or the distillation trainer (with a
+    teacher: `m1_kl_weight > 0` or held-out fidelity logging)."""
 
     def register(self, cfg):
         import m1_plugins
@@ -35,7 +36,11 @@ class M1Plugin(BasePlugin):
         return {key: cfg[key] for key in M1_TRAINING_KEYS if cfg.get(key) is not None}
 
     def get_trainer_cls(self, cfg):
-        if (cfg.get("m1_kl_weight") if cfg.get("m1_kl_weight") is not None else 1.0) > 0:
+        if cfg.get("m1_align"):
+            from .trainer import M1AlignTrainer
+
+            return M1AlignTrainer
+        if (cfg.get("m1_kl_weight") if cfg.get("m1_kl_weight") is not None else 1.0) > 0 or cfg.get("m1_fidelity_data"):
             from .trainer import M1DistillTrainer
 
             return M1DistillTrainer

@@ -1,13 +1,22 @@
-"""The distillation trainer: Axolotl's trainer with an in-process frozen teacher and the M1 loss
+"""The trainers of the M1 plugin: Axolotl's trainer with an in-process frozen teacher.
+
+`M1DistillTrainer` (stage 1, and SFT with a teacher for fidelity logging) minimises
     loss = m1_kl_weight * KL(student, teacher) + m1_ce_weight * CE(labels)
 over the tokens that carry labels (assistant turns), normalised by the token count of the whole
-accumulated / data-parallel batch (`num_items_in_batch`), so the loss equals the one of the concatenated batch."""
+accumulated / data-parallel batch (`num_items_in_batch`), so the loss equals the one of the concatenated batch.
+
+`M1AlignTrainer` (`m1_align: true`, before distillation) trains only the Mamba mixers, each to reproduce the
+teacher's attention layer it replaced (m1_plugins.align), after fitting their norm scales on the first batch.
+
+Both log the student's fidelity to the teacher on held-out conversations when `m1_fidelity_data` is set."""
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.logging import get_logger
 
+from .. import align
 from ..losses import distillation_loss
+from .fidelity_callback import FidelityCallback
 
 LOG = get_logger("axolotl.integrations.m1")  # Axolotl shows its own namespace at INFO
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -40,8 +49,8 @@ def check_same_tokenizer(teacher_path: str, tokenizer) -> None:
         )
 
 
-class M1DistillTrainer(AxolotlTrainer):
-    loss_is_scaled_for_ga = True  # the loss is already normalised over the whole accumulated batch
+class M1TeacherTrainer(AxolotlTrainer):
+    """Loads the frozen teacher next to the student and, with m1_fidelity_data, logs held-out fidelity."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -52,13 +61,66 @@ class M1DistillTrainer(AxolotlTrainer):
         if self.teacher.config.vocab_size != self.model.config.vocab_size:
             raise ValueError(f"teacher vocab_size {self.teacher.config.vocab_size} != student vocab_size "
                              f"{self.model.config.vocab_size}: distillation needs one vocabulary.")
+        self.tokens_seen = 0  # real (non-padding) tokens trained on, for the fidelity curve's x axis
+        self.pending_logs = {}  # metrics measured between two logging steps, logged with the next training loss
+        if a.m1_fidelity_data:
+            self.add_callback(FidelityCallback(self, a.m1_fidelity_data, a.m1_fidelity_every, a.m1_fidelity_max_length))
+
+    def count_tokens(self, inputs) -> None:
+        mask = inputs.get("attention_mask")
+        self.tokens_seen += int((mask != 0).sum()) if mask is not None else inputs["input_ids"].numel()
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self.pending_logs:
+            logs, self.pending_logs = {**logs, **self.pending_logs}, {}
+        super().log(logs, *args, **kwargs)
+
+
+class M1AlignTrainer(M1TeacherTrainer):
+    loss_is_scaled_for_ga = False  # a per-micro-batch mean: the trainer averages it over the accumulated batch
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        align.check_alignable(self.teacher.config, self.model.config)
+        self.layers = align.mamba_layers(self.model.config)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(".mamba." in name)  # the mixers only: the copied layers stay the teacher's
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        LOG.info("m1 alignment: teacher %s, %d mixers (layers %s) trained to reproduce its attention layers, %.1fM of "
+                 "%.1fM parameters", self.args.m1_teacher, len(self.layers), self.layers, trained / 1e6,
+                 self.model.num_parameters() / 1e6)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        model_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
+        fit_norms = self.state.global_step == 0 and not getattr(self, "norms_fitted", False)
+        captured = align.capture_teacher(self.teacher, model_inputs, self.layers, keep_pre_o=fit_norms)
+        student = self.accelerator.unwrap_model(model)
+        if fit_norms:  # once, before the first update (a resumed run keeps its trained norms)
+            means = align.fit_norm_scales(student, captured)
+            self.norms_fitted = True
+            LOG.info("m1 alignment: gated-norm scales fitted to the teacher (mean weight per layer %s)",
+                     {i: round(m, 3) for i, m in means.items()})
+        self.count_tokens(model_inputs)
+        loss, per_layer = align.alignment_loss(student, captured)
+        self.pending_logs.update({"align/worst_layer_nmse": max(per_layer.values()),
+                                  "align/best_layer_nmse": min(per_layer.values())})
+        return (loss, None) if return_outputs else loss
+
+
+class M1DistillTrainer(M1TeacherTrainer):
+    loss_is_scaled_for_ga = True  # the loss is already normalised over the whole accumulated batch
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        a = self.args
         LOG.info("m1 distillation: teacher %s (%s), %s KL x %.3g + CE x %.3g, T=%.3g, loss chunks of %d tokens",
-                 a.m1_teacher, dtype, a.m1_kl_direction, a.m1_kl_weight, a.m1_ce_weight, a.m1_kl_temperature,
-                 a.m1_loss_chunk_size)
+                 a.m1_teacher, self.teacher.dtype, a.m1_kl_direction, a.m1_kl_weight, a.m1_ce_weight,
+                 a.m1_kl_temperature, a.m1_loss_chunk_size)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         a = self.args
         model_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
+        self.count_tokens(model_inputs)
         outputs = model(**model_inputs)
         teacher_logits = None
         if a.m1_kl_weight > 0:

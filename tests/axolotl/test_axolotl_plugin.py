@@ -156,3 +156,47 @@ def test_convert_from_a_transformer_at_start_up(tiny_pair):
         convert_on_load({**cfg, "m1_num_attn_layers": 2}, logging.getLogger("test"))
     with pytest.raises(ValueError, match="exactly one of m1_attn_layers"):
         convert_on_load({**cfg, "m1_attn_layers": [1]}, logging.getLogger("test"))
+
+
+def test_axolotl_alignment_trains_only_the_mixers_and_logs_fidelity(tiny_pair):
+    """m1_align: the mixers (only) learn to reproduce the teacher's attention layer they replaced: the norm scales are
+    fitted before the first step, the per-layer error falls, every other weight stays the teacher's, and held-out
+    fidelity is measured before training and every m1_fidelity_every steps."""
+    from safetensors.torch import load_file
+
+    proc, out = axolotl_train(tiny_pair, "align", m1_align=True, max_steps=4, save_steps=4, learning_rate=3e-3,
+                              m1_fidelity_data=str(tiny_pair / "data.jsonl"), m1_fidelity_every=2)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "m1 alignment: teacher" in log and "gated-norm scales fitted" in log
+    losses = logged_losses(out)
+    assert len(losses) == 4 and losses[-1] < losses[0] < 10
+    before, after = load_file(tiny_pair / "hybrid" / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".mamba." in k for k in changed), sorted(changed)
+    assert "model.layers.0.mamba.norm.weight" in changed and "model.layers.0.mamba.in_proj.weight" in changed
+    records = [json.loads(line) for line in (out / "m1_fidelity.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert records[0]["tokens"] == 0 < records[1]["tokens"] < records[2]["tokens"]
+    assert all(0 <= r["top1_agreement"] <= 1 and r["kl_student_teacher"] >= 0 for r in records)
+
+
+def test_alignment_refuses_a_teacher_it_was_not_converted_from(tiny_pair, tmp_path):
+    from m1_plugins.align import check_alignable
+
+    from transformers import AutoConfig
+
+    import m1_plugins  # noqa: F401  (registers m1_hybrid with the Auto classes)
+
+    teacher = json.loads((tiny_pair / "teacher" / "config.json").read_text())
+    student_config = AutoConfig.from_pretrained(tiny_pair / "hybrid")
+    teacher_config = AutoConfig.from_pretrained(tiny_pair / "teacher")
+    check_alignable(teacher_config, student_config)
+    teacher_config.hidden_size = 2 * teacher["hidden_size"]
+    with pytest.raises(ValueError, match="differ in hidden_size"):
+        check_alignable(teacher_config, student_config)
+    with pytest.raises(ValueError, match="needs a converted M1 hybrid"):
+        check_alignable(teacher_config, teacher_config)
+    identity = convert_to_hybrid(LlamaForCausalLM(AutoConfig.from_pretrained(tiny_pair / "teacher")), [0, 1, 2])
+    with pytest.raises(ValueError, match="no Mamba layers"):
+        check_alignable(teacher_config, identity.config)
