@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .curves import curves_command
 from .eval.cli import eval_command, tts_command
 from .export import export_command, import_command
 from .rollout.bench import bench_command
@@ -203,6 +204,7 @@ def demo(workdir, num_attn_layers, size):
     click.echo(f"report written to {workdir / 'report.md'}")
 
 
+main.add_command(curves_command)
 main.add_command(bench_command)
 main.add_command(generate_command)
 main.add_command(eval_command)

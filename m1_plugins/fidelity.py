@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+FIDELITY_LOG = "m1_fidelity.jsonl"  # a training run's held-out fidelity curve, in its output_dir (one JSON per line)
+
 
 def chat_tokens(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], int]:
     """Token ids of a chat-rendered conversation (cut at `max_length`) and the index of its last turn's first

@@ -1,26 +1,35 @@
 #!/usr/bin/env bash
-# Stage-1 distillation of the SmolLM2 hybrid through Axolotl on the GPU machine (device tool, one GPU):
-# axolotl_configs/small/distill_smollm2_gpu.yml, with tokens/s and peak GPU memory recorded.
+# The distillation recipe of the SmolLM2 hybrid through Axolotl on an offline GPU machine (one GPU), its arms side by
+# side on the same GPU, the same data and the same number of KL steps, each with its held-out fidelity curve:
+#   kd_random_gate   the hybrid with MambaInLlama's random z gate, reverse KL on the dataset's worked solutions
+#   kd_teacher       the open-gate hybrid, reverse KL on the teacher's own answers (no alignment)
+#   align            the open-gate hybrid's mixers aligned to the teacher's attention layers (align_smollm2_gpu.yml)
+#   align_kd_teacher that, then reverse KL on the teacher's own answers (distill_smollm2_gpu.yml: the recipe)
+#   align_kd_dataset that, then reverse KL on the dataset's worked solutions
+# then `m1 report` of each distilled student on held-out prompts (the teacher's greedy answers), and `m1 curves`.
 #
 # That machine has torch 2.11 but no Axolotl, trl, datasets or the offline teacher, and no network, so
-# scripts/gpu_axolotl_bundle.sh (run here, where pip works) packs them into .gpu/ax1, .gpu/ax2, .gpu/ax3, each small
-# enough for one device call. Then, each call right after the last (/tmp lives only while the machine is warm):
-#   run(carry=[".gpu/ax1"], command="mkdir -p /tmp/ax && cp .gpu/ax1/* /tmp/ax/")
-#   run(carry=[".gpu/ax2"], command="cp .gpu/ax2/* /tmp/ax/")
-#   run(carry=[".gpu/ax3", ".device"], command="bash scripts/gpu_axolotl.sh start; bash scripts/gpu_axolotl.sh wait 400")
-#   run(command="bash scripts/gpu_axolotl.sh wait 560")        # as often as needed, each within 30 s of the last
-# `start` unpacks (the parts in /tmp/ax and any under .gpu/ax*), installs m1_plugins with pip, writes the teacher, its
-# hybrid (6 attention layers) and the data, and starts the training in the background (setsid: it outlives the
-# call); `wait S` follows it for at most S seconds and copies the logs and metrics to $OUT as one archive.
-# Also runs on a CPU, to check the bundle (AX=/tmp/axtest AX_CONFIG=axolotl_configs/small/distill_smollm2.yml
-# AX_SET='{max_steps: 2}'): every import must resolve from the bundle and the image's packages alone.
+# scripts/gpu_axolotl_bundle.sh (run where pip works) packs them into .gpu/ax1, .gpu/ax2, .gpu/ax3, each small
+# enough for one transfer, and scripts/gpu_prepare.sh puts mamba-ssm's Triton kernels in .device/site. Then, with
+# /tmp kept between the steps (each command right after the last):
+#   mkdir -p /tmp/ax && cp .gpu/ax1/* /tmp/ax/        (with .gpu/ax1 copied over)
+#   cp .gpu/ax2/* /tmp/ax/                            (with .gpu/ax2)
+#   bash scripts/gpu_axolotl.sh start; bash scripts/gpu_axolotl.sh wait 400     (with .gpu/ax3 and .device)
+#   bash scripts/gpu_axolotl.sh wait 560              (as often as needed)
+# `start` unpacks the parts, installs m1_plugins with pip, writes the teacher and its two hybrids (6 attention layers)
+# and starts the chain in the background (setsid: it outlives the command); `wait S` follows it for at most S seconds
+# and packs the logs, metrics, fidelity curves and reports into $OUT/axolotl_gpu.tar.gz.
+# Also runs on a CPU, to check the bundle (AX=/tmp/axtest AX_SET='{max_steps: 2}' AX_SIZE=8): every import must
+# resolve from the bundle and the image's packages alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu_lib.sh
 OUT=${OUT:-runs/gpu}
 AX=${AX:-/tmp/ax}
-CONFIG=${AX_CONFIG:-axolotl_configs/small/distill_smollm2_gpu.yml}
-LOGS=$AX/logs MODELS=$AX/models
+LOGS=$AX/logs MODELS=$AX/models DATA=$AX/data
+TASKS=gsm_symbolic,basic_arithmetic,chain_sum
+SIZE=${AX_SIZE:-1500}        # training prompts per task (seed 0)
+HELDOUT=${AX_HELDOUT:-40}    # held-out prompts per task (seed 10000, never trained on)
 # the bundle first: its transformers 5.16.1 (Axolotl 0.19's pin) must win over the image's 5.17
 export PYTHONPATH="$AX/m1site:$AX/site:$AX/device_site:$AX/plugins" PATH="$AX/m1site/bin:$PATH" PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled DO_NOT_TRACK=1 AXOLOTL_DO_NOT_TRACK=1 \
@@ -79,18 +88,31 @@ class MetricsPlugin(BasePlugin):
 PY
 }
 
-write_config() {  # the config with its runs/... paths pointed into $AX and AX_SET's keys (a YAML mapping) applied
-    python3 - "$CONFIG" "$AX" "${AX_SET:-}" <<'PY'
+write_config() {  # write_config NAME SRC BASE DATA: SRC with its paths pointed into $AX, then AX_SET's keys (YAML)
+    python3 - "$AX" "$@" "${AX_SET:-}" <<'PY'
 import sys, yaml
-src, ax, extra = sys.argv[1:]
+ax, name, src, base, data, extra = sys.argv[1:]
 cfg = yaml.safe_load(open(src))
-cfg.update(base_model=f"{ax}/models/hybrid", m1_teacher=f"{ax}/models/teacher", output_dir=f"{ax}/out",
-           dataset_prepared_path=f"{ax}/prepared")
-cfg["datasets"][0]["path"] = f"{ax}/data/distill.jsonl"
+cfg.update(base_model=f"{ax}/models/{base}", m1_teacher=f"{ax}/models/teacher", output_dir=f"{ax}/models/{name}",
+           dataset_prepared_path=f"{ax}/prepared/{name}", m1_fidelity_data=f"{ax}/data/heldout.jsonl")
+cfg["datasets"][0]["path"] = f"{ax}/data/{data}.jsonl"
 cfg["plugins"] = cfg["plugins"] + ["ax_metrics.MetricsPlugin"]
 cfg.update(yaml.safe_load(extra or "{}") or {})
-yaml.safe_dump(cfg, open(f"{ax}/run.yml", "w"), sort_keys=False)
+yaml.safe_dump(cfg, open(f"{ax}/{name}.yml", "w"), sort_keys=False)
 PY
+}
+
+train() {  # train NAME SRC BASE DATA: one arm, its log in $LOGS/NAME.log
+    write_config "$@" && AX_METRICS=$LOGS/$1.metrics.json python3 -m axolotl.cli.train "$AX/$1.yml" >"$LOGS/$1.log" 2>&1
+    local rc=$?
+    echo "$1: exit $rc at $(($(date +%s) - T0)) s" >>"$LOGS/status"
+    return $rc
+}
+
+report() {  # report NAME: the student's fidelity on the teacher's answers to the held-out prompts
+    m1 report --teacher "$MODELS/teacher" --student "$MODELS/$1" --task $TASKS --size "$HELDOUT" --seed 10000 \
+        --max-new-tokens 512 --answers "$DATA/heldout.jsonl" --out "$LOGS/report_$1.json" >"$LOGS/report_$1.log" 2>&1
+    echo "report $1: exit $? at $(($(date +%s) - T0)) s" >>"$LOGS/status"
 }
 
 case ${1:-} in
@@ -105,7 +127,7 @@ start)
     rm -rf "$AX/device_site" && cp -r .device/site "$AX/device_site"
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$AX/m1site" . ||
         start_failed "$LOGS" "pip install of m1_plugins"
-    write_metrics_plugin && write_config || start_failed "$LOGS" "writing the config"
+    write_metrics_plugin || start_failed "$LOGS" "writing the metrics plugin"
     echo "unpacked and installed in $(($(date +%s) - t0)) s"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
     python3 -c "import torch, transformers, peft, accelerate, trl, datasets, axolotl; print('torch', torch.__version__, \
@@ -117,23 +139,41 @@ trl.__version__, 'datasets', datasets.__version__, 'axolotl', axolotl.__version_
 assert not torch.cuda.is_available() or load_kernels() is not None, 'mamba-ssm Triton kernels do not load'
 print('mamba kernels:', 'triton' if torch.cuda.is_available() else 'none (CPU: PyTorch reference)')" ||
         start_failed "$LOGS" "mamba-ssm kernels"
-    m1 teacher --out "$MODELS/teacher" --overwrite && m1 convert --teacher "$MODELS/teacher" --out "$MODELS/hybrid" \
-        --num-attn-layers 6 --overwrite >"$LOGS/convert.log" && tail -3 "$LOGS/convert.log" ||
-        start_failed "$LOGS" "teacher and conversion"
-    m1 data --task gsm_symbolic --size 400 --seed 0 --out "$AX/data/distill.jsonl" || start_failed "$LOGS" "m1 data"
-    echo "models and data in $(($(date +%s) - t0)) s"
+    m1 teacher --out "$MODELS/teacher" --overwrite &&
+        m1 convert --teacher "$MODELS/teacher" --out "$MODELS/hybrid" --num-attn-layers 6 --overwrite >"$LOGS/convert.log" &&
+        m1 convert --teacher "$MODELS/teacher" --out "$MODELS/hybrid_random_gate" --num-attn-layers 6 --gate random \
+            --overwrite >>"$LOGS/convert.log" && tail -3 "$LOGS/convert.log" || start_failed "$LOGS" "teacher and conversion"
+    echo "models in $(($(date +%s) - t0)) s"
     setsid bash "$0" chain >"$LOGS/chain.log" 2>&1 </dev/null &
-    echo "training started"
+    echo "chain started"
     ;;
 chain)
-    # python -m rather than `axolotl train`: the bundle has no console scripts, and one process needs no launcher
-    AX_METRICS=$LOGS/metrics.json python3 -m axolotl.cli.train "$AX/run.yml" >"$LOGS/train.log" 2>&1
-    echo "train: exit $?" >>"$LOGS/status"
+    export T0=$(date +%s)
+    { m1 data --task $TASKS --size "$SIZE" --seed 0 --out "$DATA/dataset.jsonl" --overwrite &&
+        m1 data --teacher "$MODELS/teacher" --task $TASKS --size "$HELDOUT" --seed 10000 --max-new-tokens 512 \
+            --batch-size 256 --out "$DATA/heldout.jsonl" --overwrite &&
+        m1 data --teacher "$MODELS/teacher" --task $TASKS --size "$SIZE" --seed 0 --max-new-tokens 512 \
+            --batch-size 256 --out "$DATA/teacher.jsonl" --overwrite; } >"$LOGS/data.log" 2>&1 || {
+        echo "data failed" >>"$LOGS/status"; echo done >>"$LOGS/status"; exit 1; }
+    echo "data: $(wc -l <"$DATA/teacher.jsonl") teacher answers at $(($(date +%s) - T0)) s" >>"$LOGS/status"
+    distill=axolotl_configs/small/distill_smollm2_gpu.yml
+    # the arms share the GPU: a 135M model leaves most of it idle, so they run side by side
+    (train kd_random_gate $distill hybrid_random_gate dataset && report kd_random_gate) &
+    (train kd_teacher $distill hybrid teacher && report kd_teacher) &
+    train align axolotl_configs/small/align_smollm2_gpu.yml hybrid teacher
+    (train align_kd_dataset $distill align dataset && report align_kd_dataset) &
+    train align_kd_teacher $distill align teacher && report align_kd_teacher
+    wait
+    m1 curves --runs "$MODELS"/{kd_random_gate,kd_teacher,align,align_kd_teacher,align_kd_dataset} \
+        --out "$LOGS/fidelity_curves.png" >>"$LOGS/chain.log" 2>&1
     echo done >>"$LOGS/status"
     ;;
 wait)
-    cp "$AX/run.yml" "$LOGS/" 2>/dev/null
-    follow "$LOGS" "${2:-500}" axolotl_gpu.tar.gz "'loss'|Error|error|Traceback|ax_metrics|train_runtime"
+    deadline=$(($(date +%s) + ${2:-500}))
+    while ! grep -q done "$LOGS/status" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 5; done
+    cp "$AX"/*.yml "$LOGS/" 2>/dev/null
+    for run in "$MODELS"/*/m1_fidelity.jsonl; do cp "$run" "$LOGS/fidelity_$(basename "$(dirname "$run")").jsonl"; done
+    follow "$LOGS" 0 axolotl_gpu.tar.gz "'loss'|fidelity|Error|error|Traceback|ax_metrics|train_runtime|top1"
     ;;
 *) echo "usage: $0 start|wait SECONDS" >&2; exit 2 ;;
 esac

@@ -8,9 +8,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..fidelity import fidelity_report
-
-FIDELITY_LOG = "m1_fidelity.jsonl"
+from ..fidelity import FIDELITY_LOG, fidelity_report
 
 
 class FidelityCallback(TrainerCallback):
