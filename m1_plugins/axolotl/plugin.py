@@ -25,6 +25,13 @@ class M1Plugin(BasePlugin):
             from .convert_on_load import convert_on_load
 
             convert_on_load(cfg, LOG)
+        if cfg.get("m1_align"):  # before Axolotl loads anything: a pair that cannot be aligned fails in one line
+            from transformers import AutoConfig
+
+            from ..align import check_alignable
+
+            teacher = cfg.get("m1_teacher") or cfg.get("m1_convert_from")
+            check_alignable(AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(cfg["base_model"]))
 
     def get_input_args(self):
         return "m1_plugins.axolotl.args.M1Args"

@@ -200,3 +200,26 @@ def test_alignment_refuses_a_teacher_it_was_not_converted_from(tiny_pair, tmp_pa
     identity = convert_to_hybrid(LlamaForCausalLM(AutoConfig.from_pretrained(tiny_pair / "teacher")), [0, 1, 2])
     with pytest.raises(ValueError, match="no Mamba layers"):
         check_alignable(teacher_config, identity.config)
+
+
+def test_alignment_of_a_model_that_is_not_a_hybrid_fails_before_loading(tiny_pair):
+    proc, out = axolotl_train(tiny_pair, "align-teacher", m1_align=True, base_model=str(tiny_pair / "teacher"))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "attention alignment needs a converted M1 hybrid as base_model" in log
+    assert "Loading weights" not in log and not out.exists()
+
+
+def test_interrupted_alignment_resumes_without_refitting(tiny_pair):
+    """A resumed alignment keeps its trained norm scales (no second fit) and its fidelity curve goes on from the
+    checkpoint: no step measured twice, tokens counted on from the checkpoint's."""
+    run = dict(m1_align=True, save_steps=1, auto_resume_from_checkpoints=True, m1_fidelity_every=1,
+               m1_fidelity_data=str(tiny_pair / "data.jsonl"))
+    proc, out = axolotl_train(tiny_pair, "align-resume", max_steps=2, **run)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    proc, out = axolotl_train(tiny_pair, "align-resume", max_steps=3, **run)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "checkpoint-2" in log and "gated-norm scales fitted" not in log
+    records = [json.loads(line) for line in (out / "m1_fidelity.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert records[1]["tokens"] < records[2]["tokens"] < records[3]["tokens"]
