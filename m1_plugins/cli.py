@@ -116,57 +116,196 @@ def _format_summary(s: dict) -> str:
 
 
 @main.command()
-@click.option("--teacher", "teacher_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--teacher", "teacher_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Teacher checkpoint; its tokenizer renders the text (the student's must have the same vocabulary).")
 @click.option("--student", "student_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--task", default="gsm_symbolic", show_default=True, help="reasoning-gym task used as held-out text.")
-@click.option("--size", type=int, default=32, show_default=True, help="Number of held-out conversations.")
+@click.option("--task", default="gsm_symbolic", show_default=True,
+              help="reasoning-gym task used as held-out text, or several comma-separated (--size problems of each).")
+@click.option("--size", type=click.IntRange(min=1), default=32, show_default=True, help="Held-out problems per task.")
 @click.option("--seed", type=int, default=10_000, show_default=True, help="Dataset seed (keep it apart from training seeds).")
-@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per conversation (truncated).")
+@click.option("--max-length", type=int, default=512, show_default=True,
+              help="Tokens per scored conversation, prompt included (longer ones are cut).")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Length limit of the teacher's and the student's greedy answers; 0 skips the teacher-answer part.")
+@click.option("--answers", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL cache of the teacher's answers (as `m1 data --teacher` writes them): read if it exists "
+                   "(it must answer these prompts with these settings), else written, so a second report does not "
+                   "generate them again.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the report as JSON here.")
-def report(teacher_dir, student_dir, task, size, seed, max_length, device, out):
-    """Token-level fidelity of a student to its teacher: per-token KL both ways and next-token agreement."""
-    result = fidelity_between_dirs(teacher_dir, student_dir, task, size, seed, max_length, _device(device))
+def report(teacher_dir, student_dir, task, size, seed, max_length, max_new_tokens, answers, device, out):
+    """Fidelity of a student to its teacher on held-out reasoning-gym problems, in nats/token, measured twice.
+
+    \b
+    1. On the dataset's worked solutions, every token (top-level keys): KL(teacher||student) (forward),
+       KL(student||teacher) (reverse: the distillation objective) and next-token (top-1) agreement.
+    2. On the teacher's own greedy answers to the same prompts, the answer's tokens only (key "teacher_answers"):
+       the same three; then the student answers the prompts too, and the report gives the share of problems
+       whose final answer (the last \\boxed{}, else the last number) equals the teacher's, and each model's
+       accuracy against the ground truth: strict (the \\boxed{} answer, math-verify) and lenient (the final answer).
+    """
+    try:
+        result = fidelity_between_dirs(teacher_dir, student_dir, task, size, seed, max_length, _device(device),
+                                       max_new_tokens=max_new_tokens, answers=answers)
+    except ValueError as err:  # a tokenizer or answers-cache mismatch: one line with the fix
+        raise click.ClickException(str(err))
     click.echo(json.dumps(result, indent=2))
     if out:
         out.write_text(json.dumps(result, indent=2))
 
 
-def fidelity_between_dirs(teacher_dir, student_dir, task, size, seed, max_length, device) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _tasks(value: str) -> list[str]:
+    from .data import parse_tasks
 
-    import m1_plugins  # noqa: F401  (registers m1_hybrid with the Auto classes)
+    try:
+        return parse_tasks(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--task")
 
-    from .data import reasoning_gym_conversations
+
+def fidelity_between_dirs(teacher_dir, student_dir, task, size, seed, max_length, device, max_new_tokens: int = 0,
+                          answers=None, batch_size: int = 32) -> dict:
+    """`m1 report` (its help says what is measured); part 2 only with `max_new_tokens` > 0. `task` may be a
+    comma-separated list; `answers` is the optional cache of the teacher's answers."""
+    from transformers import AutoTokenizer
+
+    from .data import reasoning_gym_conversations, reasoning_gym_problems
     from .fidelity import fidelity_report
+    from .teacher_data import answer_settings, load_model, read_answers
+    from .utils import check_same_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(device).eval()
-    student_model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
-    conversations = reasoning_gym_conversations(task, size=size, seed=seed)
-    result = fidelity_report(teacher_model, student_model, tokenizer, conversations, max_length=max_length)
-    return {"teacher": str(teacher_dir), "student": str(student_dir), "task": task, "seed": seed, **result}
+    tasks = _tasks(task)
+    # the cheap refusals first: another vocabulary, or a cache of the teacher's answers to other prompts / settings
+    check_same_tokenizer(teacher_dir, AutoTokenizer.from_pretrained(student_dir))
+    problems = [p for t in tasks for p in reasoning_gym_problems(t, size=size, seed=seed)] if max_new_tokens else []
+    settings = answer_settings(teacher_dir, max_new_tokens, temperature=0.0)
+    cached = None
+    if max_new_tokens and answers and Path(answers).exists():
+        cached = read_answers(answers, problems, settings)
+    teacher_model, tokenizer = load_model(teacher_dir, device)  # the teacher's tokenizer: the text is the teacher's
+    student_model, _ = load_model(student_dir, device)
+    if teacher_model.config.vocab_size != student_model.config.vocab_size:
+        raise ValueError(f"teacher vocab_size {teacher_model.config.vocab_size} != student vocab_size "
+                         f"{student_model.config.vocab_size}: token-level fidelity needs one vocabulary.")
+    conversations = [c for t in tasks for c in reasoning_gym_conversations(t, size=size, seed=seed)]
+    result = {"teacher": str(teacher_dir), "student": str(student_dir), "task": task, "seed": seed,
+              "units": "nats/token", "max_length": max_length,
+              **fidelity_report(teacher_model, student_model, tokenizer, conversations, max_length=max_length)}
+    if max_new_tokens:
+        result["teacher_answers"] = _teacher_answer_fidelity(teacher_model, student_model, tokenizer, problems, cached,
+                                                             answers, max_length, max_new_tokens, batch_size)
+    return result
+
+
+def _teacher_answer_fidelity(teacher, student, tokenizer, problems, cached, answers, max_length, max_new_tokens,
+                             batch_size) -> dict:
+    """Part 2 of `m1 report` on the teacher's greedy answers (`cached`, else generated, and written to `answers`)."""
+    from .eval.grading import answers_equal, final_answer, grade
+    from .fidelity import fidelity_report
+    from .teacher_data import generate_answers, write_answers
+
+    options = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if cached is not None:
+        teacher_records = cached
+    elif answers:
+        teacher_records = write_answers(teacher, tokenizer, problems, answers, **options)
+    else:
+        teacher_records = generate_answers(teacher, tokenizer, problems, desc="teacher answers", **options)
+    scores = fidelity_report(teacher, student, tokenizer, [r["messages"] for r in teacher_records],
+                             max_length=max_length, responses_only=True)
+    student_records = generate_answers(student, tokenizer, problems, desc="student answers", **options)
+    golds = [gold for _, gold in problems]
+    texts = {who: [r["messages"][-1]["content"] for r in records]
+             for who, records in (("teacher", teacher_records), ("student", student_records))}
+    finals = {who: [final_answer(text) for text in texts[who]] for who in texts}
+
+    def share(flags) -> float:
+        flags = list(flags)
+        return sum(flags) / len(flags)
+
+    def same(teacher_answer, student_answer) -> bool:  # no answer on both sides counts as the same outcome
+        if teacher_answer is None or student_answer is None:
+            return teacher_answer is student_answer
+        return answers_equal(teacher_answer, student_answer)
+
+    return {
+        **scores,  # KL both ways and top-1 agreement on the answers' tokens
+        "max_new_tokens": max_new_tokens,
+        "answers_file": str(answers) if answers else None,
+        "same_answer": share(same(t, s) for t, s in zip(finals["teacher"], finals["student"])),
+        "accuracy": {who: {"strict": share(grade(text, gold).correct for text, gold in zip(texts[who], golds)),
+                           "lenient": share(a is not None and answers_equal(gold, a)
+                                            for a, gold in zip(finals[who], golds))}
+                     for who in texts},
+        "no_final_answer": {who: share(a is None for a in finals[who]) for who in finals},
+        "finished": {who: share(r["finished"] for r in records)
+                     for who, records in (("teacher", teacher_records), ("student", student_records))},
+    }
 
 
 @main.command()
-@click.option("--task", default="gsm_symbolic", show_default=True, help="reasoning-gym task name.")
-@click.option("--size", type=int, default=256, show_default=True, help="Number of conversations.")
+@click.option("--task", default="gsm_symbolic", show_default=True,
+              help="reasoning-gym task name, or several comma-separated (gsm_symbolic,basic_arithmetic): --size "
+                   "problems of each, task after task, in one file.")
+@click.option("--size", type=click.IntRange(min=1), default=256, show_default=True, help="Problems per task.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Dataset seed (the report uses 10000: keep clear of it).")
+@click.option("--teacher", "teacher_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Write this model's own answers (greedy unless --temperature) instead of the worked solutions.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="--teacher: length limit of an answer.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="--teacher: sequences the generation engine runs together.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="--teacher: 0 is greedy.")
+@click.option("--device", default="auto", show_default=True, help="--teacher: auto, cpu or cuda[:N].")
+@click.option("--dtype", type=DTYPE, default="float32", show_default=True, help="--teacher: dtype to run it in.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JSONL file to write.")
-def data(task, size, seed, out):
-    """Write reasoning-gym problems as chat conversations (JSONL, one {"messages": [...]} per line): the user
-    turn ends with the M1 prompt suffix, the assistant turn is the worked solution with a \\boxed{} answer.
-    Axolotl reads it with `type: chat_template`."""
-    from .data import reasoning_gym_conversations
+@click.option("--overwrite", is_flag=True,
+              help="Replace --out if it exists (and drop a partial run of other settings).")
+def data(task, size, seed, teacher_dir, max_new_tokens, batch_size, temperature, device, dtype, out, overwrite):
+    """Write reasoning-gym problems as chat conversations, JSONL for Axolotl's `type: chat_template` (which reads
+    "messages"). The user turn is the problem with the M1 prompt suffix; the assistant turn is
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for messages in reasoning_gym_conversations(task, size=size, seed=seed):
-            f.write(json.dumps({"messages": messages}) + "\n")
-    tmp.replace(out)
-    click.echo(f"wrote {size} {task} conversations to {out}")
+    \b
+    - without --teacher: the task's worked solution, ending with the answer in \\boxed{}; lines {"messages": [...]}
+    - with --teacher DIR: that model's own answer, decoded without special tokens; lines {"messages": [...],
+      "answer": GOLD, "finished": BOOL} (finished: it ended with EOS rather than at --max-new-tokens).
+      Resumable: finished chunks go to OUT.partial and a rerun with the same settings continues there; OUT
+      appears only when complete, its settings next to it in OUT.settings.json.
+    """
+    from .utils import refuse_existing
+
+    try:
+        refuse_existing(out, overwrite)  # before anything is loaded or generated
+    except FileExistsError as err:
+        raise click.ClickException(str(err))
+    tasks = _tasks(task)
+    if teacher_dir is None:
+        from .data import reasoning_gym_conversations
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        with tmp.open("w") as f:
+            for t in tasks:
+                for messages in reasoning_gym_conversations(t, size=size, seed=seed):
+                    f.write(json.dumps({"messages": messages}) + "\n")
+        tmp.replace(out)
+        click.echo(f"wrote {size * len(tasks)} {task} conversations to {out}")
+        return
+
+    from .data import reasoning_gym_problems
+    from .teacher_data import load_model, write_answers
+
+    problems = [p for t in tasks for p in reasoning_gym_problems(t, size=size, seed=seed)]
+    model, tokenizer = load_model(teacher_dir, _device(device), _dtype(dtype))
+    try:
+        records = write_answers(model, tokenizer, problems, out, max_new_tokens=max_new_tokens, temperature=temperature,
+                                batch_size=batch_size, overwrite=overwrite)
+    except ValueError as err:  # a partial run of other settings or prompts
+        raise click.ClickException(str(err))
+    finished = sum(r["finished"] for r in records)
+    click.echo(f"wrote {len(records)} answers of {teacher_dir} to {task} problems to {out}: {finished} ended with EOS, "
+               f"{len(records) - finished} were cut at --max-new-tokens {max_new_tokens}")
 
 
 @main.command()

@@ -30,3 +30,17 @@ def atomic_output_dir(out_dir, overwrite: bool = False):
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_same_tokenizer(teacher_path, tokenizer) -> None:
+    """Refuse (ValueError, one line) a student tokenizer whose vocabulary differs from the teacher's: token-level
+    comparisons (distillation, fidelity) pair the two models' distributions id by id."""
+    from transformers import AutoTokenizer
+
+    teacher_vocab = AutoTokenizer.from_pretrained(teacher_path).get_vocab()
+    if teacher_vocab != tokenizer.get_vocab():
+        raise ValueError(
+            f"The teacher at {teacher_path} uses a different tokenizer than the student ({len(teacher_vocab)} vs "
+            f"{len(tokenizer.get_vocab())} tokens, or different ids). Token-level distillation needs one vocabulary: "
+            "convert the student from this teacher (m1 convert) or give it the teacher's tokenizer (Axolotl: "
+            "`tokenizer_config`).")

@@ -16,6 +16,7 @@ from axolotl.utils.logging import get_logger
 
 from .. import align
 from ..losses import distillation_loss
+from ..utils import check_same_tokenizer
 from .fidelity_callback import FidelityCallback
 
 LOG = get_logger("axolotl.integrations.m1")  # Axolotl shows its own namespace at INFO
@@ -35,18 +36,6 @@ def load_teacher(path: str, dtype: torch.dtype, device) -> torch.nn.Module:
     if not isinstance(teacher, M1ForCausalLM):
         teacher = convert_to_hybrid(teacher, list(range(teacher.config.num_hidden_layers)), share_weights=True, progress=False)
     return teacher.to(device).eval().requires_grad_(False)
-
-
-def check_same_tokenizer(teacher_path: str, tokenizer) -> None:
-    from transformers import AutoTokenizer
-
-    teacher_vocab = AutoTokenizer.from_pretrained(teacher_path).get_vocab()
-    if teacher_vocab != tokenizer.get_vocab():
-        raise ValueError(
-            f"The teacher at {teacher_path} uses a different tokenizer than the student ({len(teacher_vocab)} vs "
-            f"{len(tokenizer.get_vocab())} tokens, or different ids). Token-level distillation needs one vocabulary: "
-            "convert the student from this teacher (m1 convert) or set `tokenizer_config` to the teacher's tokenizer."
-        )
 
 
 class M1TeacherTrainer(AxolotlTrainer):

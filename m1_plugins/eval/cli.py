@@ -92,36 +92,19 @@ def _evaluate(model_dir, label, problems, out, n, temperature, top_p, max_new_to
 
     from .benchmarks import chat_prompt
     from .evaluate import evaluate_model
-    from .generate import EngineGenerator, HFGenerator
+    from .generate import EngineGenerator, HFGenerator, engine_for, eos_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos)
+    eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     if engine == "hf":
         generator = HFGenerator(model, pad_token_id=pad, eos_token_ids=eos, batch_size=batch_size)
     else:
         longest = max(len(chat_prompt(tokenizer, p)) for p in problems)
-        generator = EngineGenerator(_engine_for(model, batch_size, longest + max_new_tokens), eos)
+        generator = EngineGenerator(engine_for(model, batch_size, longest + max_new_tokens), eos)
     return evaluate_model(generator, tokenizer, eos, problems, out / label, n, temperature, top_p, max_new_tokens, seed,
                           batch_size, label=label)
-
-
-def _engine_for(model, batch_size: int, max_model_len: int):
-    """An M1Engine for `model`; a Transformer (Llama) first becomes its all-attention M1 conversion, which computes
-    the same function (tests/convert), so teacher and hybrid run on one engine."""
-    from ..modeling import M1ForCausalLM
-    from ..rollout.engine import M1Engine, kv_tokens_for
-
-    if not isinstance(model, M1ForCausalLM):
-        from ..convert import convert_to_hybrid
-
-        model = convert_to_hybrid(model, attn_layers=list(range(model.config.num_hidden_layers)), share_weights=True,
-                                  progress=False)
-    # on CPU the KV pool holds the whole batch at full length (on GPU it is planned from free memory)
-    kv_tokens = kv_tokens_for(batch_size, max_model_len) if model.device.type == "cpu" else None
-    return M1Engine(model, max_num_seqs=batch_size, max_model_len=max_model_len, kv_cache_tokens=kv_tokens)
 
 
 def _settings_line(settings: dict) -> str:

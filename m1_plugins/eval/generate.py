@@ -26,6 +26,29 @@ class Generator(Protocol):
         ...
 
 
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a response: the model's generation config's EOS, else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def engine_for(model, batch_size: int, max_model_len: int):
+    """An M1Engine for `model`; a Transformer (Llama) first becomes its all-attention M1 conversion, which computes
+    the same function (tests/convert), so teacher and hybrid run on one engine."""
+    from ..modeling import M1ForCausalLM
+    from ..rollout.engine import M1Engine, kv_tokens_for
+
+    if not isinstance(model, M1ForCausalLM):
+        from ..convert import convert_to_hybrid
+
+        model = convert_to_hybrid(model, attn_layers=list(range(model.config.num_hidden_layers)), share_weights=True,
+                                  progress=False)
+    # on CPU the KV pool holds the whole batch at full length (on GPU it is planned from free memory)
+    kv_tokens = kv_tokens_for(batch_size, max_model_len) if model.device.type == "cpu" else None
+    return M1Engine(model, max_num_seqs=batch_size, max_model_len=max_model_len, kv_cache_tokens=kv_tokens)
+
+
 class HFGenerator:
     """`Generator` over HF `model.generate`: the len(prompts) * n rows run in left-padded batches of
     `batch_size` rows. Sampling is plain temperature + top-p (top-k off)."""

@@ -12,11 +12,14 @@ Rules:
 """
 
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 BOX_OPEN = "\\boxed{"
+# a number as written in prose: a sign (not the minus of "5-3"), thousands separators, decimals ("-1,234.5")
+NUMBER = re.compile(r"(?<![\d)])-?\d+(?:,\d{3})*(?:\.\d+)?")
 EVAL_INSTALL = 'pip install "m1-plugins[eval]"'
 
 
@@ -58,6 +61,17 @@ def extract_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}`; None without a box or when the last box is unclosed."""
     boxes = find_boxes(text)
     return boxes[-1].content if boxes else None
+
+
+def final_answer(text: str) -> str | None:
+    """A lenient final answer: the last `\\boxed{...}` (as `extract_boxed`) or, when the text has no closed last box
+    (a small model often states its answer without one, or is cut inside it), the last number in the text,
+    thousands separators removed. None when there is neither."""
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    numbers = NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
 
 
 def _math_verify():

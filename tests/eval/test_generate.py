@@ -69,12 +69,11 @@ def test_engine_generator_is_the_hf_generator_for_greedy_and_stops_at_eos():
 def test_a_transformer_runs_on_the_engine_as_its_all_attention_conversion(smollm2_dir):
     from transformers import AutoModelForCausalLM
 
-    from m1_plugins.eval.cli import _engine_for
-    from m1_plugins.eval.generate import EngineGenerator
+    from m1_plugins.eval.generate import EngineGenerator, engine_for
 
     teacher = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     prompt = [1, 4093, 2683, 314, 216, 34, 1232, 216, 35, 47]
     expected = teacher.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
-    generator = EngineGenerator(_engine_for(teacher, batch_size=2, max_model_len=64), [2])
+    generator = EngineGenerator(engine_for(teacher, batch_size=2, max_model_len=64), [2])
     out = generator.generate([prompt], n=1, temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0)
     assert out == [[expected[:expected.index(2) + 1] if 2 in expected else expected]]

@@ -3,7 +3,7 @@
 import pytest
 from math_verify import parse, verify
 
-from m1_plugins.eval.grading import box_token_spans, extract_boxed, find_boxes, grade
+from m1_plugins.eval.grading import box_token_spans, extract_boxed, final_answer, find_boxes, grade
 from m1_plugins.eval.tts import truncated_grade
 
 # (response, ground truth, extracted answer, correct)
@@ -89,3 +89,17 @@ def test_box_token_spans_with_the_smollm2_tokenizer(smollm2_tokenizer):
     assert decode(ids[:end]).endswith("\\boxed{\\dfrac{14}{2}}")
     assert extract_boxed(decode(ids[:end])) == "\\dfrac{14}{2}" and extract_boxed(decode(ids[:end - 1])) is None
     assert extract_boxed(decode(ids[:start2 - 1])) == "\\dfrac{14}{2}" and extract_boxed(decode(ids[:start2])) is None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so \\boxed{\\frac{1}{2}}, i.e. 0.5", "\\frac{1}{2}"),  # the last box wins over later numbers
+    ("\\boxed{3} then \\boxed{4}", "4"),
+    ("The total is 1,234.5 dollars.", "1234.5"),  # no box: the last number, separators removed
+    ("5 - 8 = -3.", "-3"),
+    ("7-3=4", "4"),  # the minus of a difference is not a sign
+    ("x is 12 and \\boxed{7", "7"),  # cut inside the last box: the last number
+    ("no numbers here", None),
+    ("", None),
+])
+def test_final_answer(text, expected):
+    assert final_answer(text) == expected
