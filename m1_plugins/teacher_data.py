@@ -59,7 +59,8 @@ def make_generator(model, tokenizer, max_model_len: int, batch_size: int = 32, k
         return HFGenerator(model, pad_token_id=pad, eos_token_ids=eos, batch_size=batch_size)
     if kind != "engine":
         raise ValueError(f"generator kind {kind!r}: expected 'engine' or 'hf'.")
-    return EngineGenerator(engine_for(model, batch_size, max_model_len), eos)
+    # a pool for this batch only: answers are often written next to training jobs on the same GPU
+    return EngineGenerator(engine_for(model, batch_size, max_model_len, whole_batch=True), eos)
 
 
 def iter_answers(model, tokenizer, problems: list[Problem], max_new_tokens: int = 512, temperature: float = 0.0,

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The main job on its small CPU default, from a fresh machine:
 #   1. set up the Axolotl environment (plain pip, locked versions)
-#   2. build the offline teacher (SmolLM2-135M-Instruct), convert it to an M1 hybrid, report its fidelity
-#   3. distil the hybrid through Axolotl (axolotl_configs/small/distill_smollm2.yml: reverse KL, packed rows)
-#   4. report the distilled hybrid's fidelity to the teacher on the same held-out conversations
+#   2. build the offline teacher (SmolLM2-135M-Instruct), convert it to an M1 hybrid, and report its fidelity on the
+#      teacher's own greedy answers to held-out prompts (m1 demo)
+#   3. align the hybrid's Mamba mixers to the attention layers they replaced (axolotl_configs/small/align_smollm2.yml)
+#   4. distil it through Axolotl (axolotl_configs/small/distill_smollm2.yml: reverse KL, packed rows)
+#   5. report every stage against the teacher (runs/demo/report.md) and draw the fidelity curves of the training runs
 # Everything lands in runs/demo/; re-running skips finished steps and resumes an interrupted training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,5 +14,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled DO_NOT_TRACK=1
 export PATH="$PWD/.venvs/axolotl/bin:$PATH"   # axolotl launches `accelerate` by name
 m1 demo --workdir runs/demo
 [ -f runs/demo/distill.jsonl ] || m1 data --task gsm_symbolic --size 400 --seed 0 --out runs/demo/distill.jsonl
+[ -f runs/demo/aligned/model.safetensors ] || axolotl train axolotl_configs/small/align_smollm2.yml
 [ -f runs/demo/distill/model.safetensors ] || axolotl train axolotl_configs/small/distill_smollm2.yml
-m1 report --teacher runs/demo/teacher --student runs/demo/distill --out runs/demo/report_distilled.json
+m1 demo --workdir runs/demo
+m1 curves --runs runs/demo/aligned runs/demo/distill --out runs/demo/fidelity_curves.png

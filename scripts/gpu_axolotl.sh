@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The distillation recipe of the SmolLM2 hybrid through Axolotl on an offline GPU machine (one GPU), its arms side by
-# side on the same GPU, the same data and the same number of KL steps, each with its held-out fidelity curve:
+# side on the same GPU and the same data, 400 KL steps each (the recipe 700; its curve compares at 400), each with its
+# held-out fidelity curve:
 #   kd_random_gate   the hybrid with MambaInLlama's random z gate, reverse KL on the dataset's worked solutions
 #   kd_teacher       the open-gate hybrid, reverse KL on the teacher's own answers (no alignment)
 #   align            the open-gate hybrid's mixers aligned to the teacher's attention layers (align_smollm2_gpu.yml)
@@ -19,7 +20,7 @@
 # `start` unpacks the parts, installs m1_plugins with pip, writes the teacher and its two hybrids (6 attention layers)
 # and starts the chain in the background (setsid: it outlives the command); `wait S` follows it for at most S seconds
 # and packs the logs, metrics, fidelity curves and reports into $OUT/axolotl_gpu.tar.gz.
-# Also runs on a CPU, to check the bundle (AX=/tmp/axtest AX_SET='{max_steps: 2}' AX_SIZE=8): every import must
+# Also runs on a CPU, to check the bundle (AX=/tmp/axtest AX_SET='{max_steps: 2}' AX_SIZE=8 AX_HELDOUT=2 AX_NEW_TOKENS=16): every import must
 # resolve from the bundle and the image's packages alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,7 @@ LOGS=$AX/logs MODELS=$AX/models DATA=$AX/data
 TASKS=gsm_symbolic,basic_arithmetic,chain_sum
 SIZE=${AX_SIZE:-1500}        # training prompts per task (seed 0)
 HELDOUT=${AX_HELDOUT:-40}    # held-out prompts per task (seed 10000, never trained on)
+NEW=${AX_NEW_TOKENS:-512}    # length limit of the teacher's answers
 # the bundle first: its transformers 5.16.1 (Axolotl 0.19's pin) must win over the image's 5.17
 export PYTHONPATH="$AX/m1site:$AX/site:$AX/device_site:$AX/plugins" PATH="$AX/m1site/bin:$PATH" PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled DO_NOT_TRACK=1 AXOLOTL_DO_NOT_TRACK=1 \
@@ -88,21 +90,22 @@ class MetricsPlugin(BasePlugin):
 PY
 }
 
-write_config() {  # write_config NAME SRC BASE DATA: SRC with its paths pointed into $AX, then AX_SET's keys (YAML)
-    python3 - "$AX" "$@" "${AX_SET:-}" <<'PY'
+write_config() {  # write_config NAME SRC BASE DATA [KEYS]: SRC with its paths in $AX, then KEYS and AX_SET (YAML)
+    python3 - "$AX" "$1" "$2" "$3" "$4" "${5:-}" "${AX_SET:-}" <<'PY'
 import sys, yaml
-ax, name, src, base, data, extra = sys.argv[1:]
+ax, name, src, base, data, keys, extra = sys.argv[1:]
 cfg = yaml.safe_load(open(src))
 cfg.update(base_model=f"{ax}/models/{base}", m1_teacher=f"{ax}/models/teacher", output_dir=f"{ax}/models/{name}",
            dataset_prepared_path=f"{ax}/prepared/{name}", m1_fidelity_data=f"{ax}/data/heldout.jsonl")
 cfg["datasets"][0]["path"] = f"{ax}/data/{data}.jsonl"
 cfg["plugins"] = cfg["plugins"] + ["ax_metrics.MetricsPlugin"]
+cfg.update(yaml.safe_load(keys or "{}") or {})
 cfg.update(yaml.safe_load(extra or "{}") or {})
 yaml.safe_dump(cfg, open(f"{ax}/{name}.yml", "w"), sort_keys=False)
 PY
 }
 
-train() {  # train NAME SRC BASE DATA: one arm, its log in $LOGS/NAME.log
+train() {  # train NAME SRC BASE DATA [KEYS]: one arm, its log in $LOGS/NAME.log
     write_config "$@" && AX_METRICS=$LOGS/$1.metrics.json python3 -m axolotl.cli.train "$AX/$1.yml" >"$LOGS/$1.log" 2>&1
     local rc=$?
     echo "$1: exit $rc at $(($(date +%s) - T0)) s" >>"$LOGS/status"
@@ -111,7 +114,7 @@ train() {  # train NAME SRC BASE DATA: one arm, its log in $LOGS/NAME.log
 
 report() {  # report NAME: the student's fidelity on the teacher's answers to the held-out prompts
     m1 report --teacher "$MODELS/teacher" --student "$MODELS/$1" --task $TASKS --size "$HELDOUT" --seed 10000 \
-        --max-new-tokens 512 --answers "$DATA/heldout.jsonl" --out "$LOGS/report_$1.json" >"$LOGS/report_$1.log" 2>&1
+        --max-new-tokens "$NEW" --max-length 1024 --answers "$DATA/heldout.jsonl" --out "$LOGS/report_$1.json" >"$LOGS/report_$1.log" 2>&1
     echo "report $1: exit $? at $(($(date +%s) - T0)) s" >>"$LOGS/status"
 }
 
@@ -150,9 +153,9 @@ print('mamba kernels:', 'triton' if torch.cuda.is_available() else 'none (CPU: P
 chain)
     export T0=$(date +%s)
     { m1 data --task $TASKS --size "$SIZE" --seed 0 --out "$DATA/dataset.jsonl" --overwrite &&
-        m1 data --teacher "$MODELS/teacher" --task $TASKS --size "$HELDOUT" --seed 10000 --max-new-tokens 512 \
+        m1 data --teacher "$MODELS/teacher" --task $TASKS --size "$HELDOUT" --seed 10000 --max-new-tokens "$NEW" \
             --batch-size 256 --out "$DATA/heldout.jsonl" --overwrite &&
-        m1 data --teacher "$MODELS/teacher" --task $TASKS --size "$SIZE" --seed 0 --max-new-tokens 512 \
+        m1 data --teacher "$MODELS/teacher" --task $TASKS --size "$SIZE" --seed 0 --max-new-tokens "$NEW" \
             --batch-size 256 --out "$DATA/teacher.jsonl" --overwrite; } >"$LOGS/data.log" 2>&1 || {
         echo "data failed" >>"$LOGS/status"; echo done >>"$LOGS/status"; exit 1; }
     echo "data: $(wc -l <"$DATA/teacher.jsonl") teacher answers at $(($(date +%s) - T0)) s" >>"$LOGS/status"
@@ -162,10 +165,14 @@ chain)
     (train kd_teacher $distill hybrid teacher && report kd_teacher) &
     train align axolotl_configs/small/align_smollm2_gpu.yml hybrid teacher
     (train align_kd_dataset $distill align dataset && report align_kd_dataset) &
-    train align_kd_teacher $distill align teacher && report align_kd_teacher
+    # the recipe runs on once the others are done; its curve at step 400 compares with theirs
+    train align_kd_teacher $distill align teacher "{max_steps: 700}" && report align_kd_teacher
     wait
-    m1 curves --runs "$MODELS"/{kd_random_gate,kd_teacher,align,align_kd_teacher,align_kd_dataset} \
-        --out "$LOGS/fidelity_curves.png" >>"$LOGS/chain.log" 2>&1
+    runs=()
+    for run in kd_random_gate kd_teacher align align_kd_teacher align_kd_dataset; do
+        [ -f "$MODELS/$run/m1_fidelity.jsonl" ] && runs+=("$MODELS/$run")
+    done
+    m1 curves --runs "${runs[@]}" --out "$LOGS/fidelity_curves.png" >>"$LOGS/chain.log" 2>&1
     echo done >>"$LOGS/status"
     ;;
 wait)

@@ -33,9 +33,11 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def engine_for(model, batch_size: int, max_model_len: int):
+def engine_for(model, batch_size: int, max_model_len: int, whole_batch: bool = False):
     """An M1Engine for `model`; a Transformer (Llama) first becomes its all-attention M1 conversion, which computes
-    the same function (tests/convert), so teacher and hybrid run on one engine."""
+    the same function (tests/convert), so teacher and hybrid run on one engine. The KV pool holds the whole batch at
+    full length on CPU, or with `whole_batch` (a GPU shared with other jobs: take only what the batch needs);
+    otherwise, on GPU, it is planned from the free memory."""
     from ..modeling import M1ForCausalLM
     from ..rollout.engine import M1Engine, kv_tokens_for
 
@@ -44,8 +46,7 @@ def engine_for(model, batch_size: int, max_model_len: int):
 
         model = convert_to_hybrid(model, attn_layers=list(range(model.config.num_hidden_layers)), share_weights=True,
                                   progress=False)
-    # on CPU the KV pool holds the whole batch at full length (on GPU it is planned from free memory)
-    kv_tokens = kv_tokens_for(batch_size, max_model_len) if model.device.type == "cpu" else None
+    kv_tokens = kv_tokens_for(batch_size, max_model_len) if whole_batch or model.device.type == "cpu" else None
     return M1Engine(model, max_num_seqs=batch_size, max_model_len=max_model_len, kv_cache_tokens=kv_tokens)
 
 
