@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The distillation recipe of the SmolLM2 hybrid through Axolotl on an offline GPU machine (one GPU), its arms side by
-# side on the same GPU and the same data, 300 KL steps each (the recipe 600; its curve compares at 300), each with its
+# side on the same GPU and the same data, 250 KL steps each (the recipe 450; its curve compares at 250), each with its
 # held-out fidelity curve:
 #   kd_random_gate   the hybrid with MambaInLlama's random z gate, reverse KL on the dataset's worked solutions
 #   kd_teacher       the open-gate hybrid, reverse KL on the teacher's own answers (no alignment)
@@ -165,8 +165,8 @@ chain)
     (train kd_teacher $distill hybrid teacher && report kd_teacher) &
     train align axolotl_configs/small/align_smollm2_gpu.yml hybrid teacher
     (train align_kd_dataset $distill align dataset && report align_kd_dataset) &
-    # the recipe runs on once the others are done; its curve at step 300 compares with theirs
-    train align_kd_teacher $distill align teacher "{max_steps: 600}" && report align_kd_teacher
+    # the recipe runs on once the others are done; its curve at step 250 compares with theirs
+    train align_kd_teacher $distill align teacher "{max_steps: 450}" && report align_kd_teacher
     wait
     runs=()
     for run in kd_random_gate kd_teacher align align_kd_teacher align_kd_dataset; do
