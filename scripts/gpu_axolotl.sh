@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The distillation recipe of the SmolLM2 hybrid through Axolotl on an offline GPU machine (one GPU), its arms side by
-# side on the same GPU and the same data, 200 KL steps each (the recipe 400; its curve compares at 200), each with its
+# side on the same GPU and the same data, 200 KL steps each (the recipe 300; its curve compares at 200), each with its
 # held-out fidelity curve:
 #   kd_random_gate   the hybrid with MambaInLlama's random z gate, reverse KL on the dataset's worked solutions
 #   kd_teacher       the open-gate hybrid, reverse KL on the teacher's own answers (no alignment)
@@ -29,7 +29,7 @@ OUT=${OUT:-runs/gpu}
 AX=${AX:-/tmp/ax}
 LOGS=$AX/logs MODELS=$AX/models DATA=$AX/data
 TASKS=gsm_symbolic,basic_arithmetic,chain_sum
-SIZE=${AX_SIZE:-1000}        # training prompts per task (seed 0)
+SIZE=${AX_SIZE:-800}        # training prompts per task (seed 0)
 HELDOUT=${AX_HELDOUT:-40}    # held-out prompts per task (seed 10000, never trained on)
 NEW=${AX_NEW_TOKENS:-512}    # length limit of the teacher's answers
 # the bundle first: its transformers 5.16.1 (Axolotl 0.19's pin) must win over the image's 5.17
@@ -166,7 +166,7 @@ chain)
     train align axolotl_configs/small/align_smollm2_gpu.yml hybrid teacher
     (train align_kd_dataset $distill align dataset && report align_kd_dataset) &
     # the recipe runs on once the others are done; its curve at step 200 compares with theirs
-    train align_kd_teacher $distill align teacher "{max_steps: 400}" && report align_kd_teacher
+    train align_kd_teacher $distill align teacher "{max_steps: 300}" && report align_kd_teacher
     wait
     runs=()
     for run in kd_random_gate kd_teacher align align_kd_teacher align_kd_dataset; do
