@@ -99,13 +99,19 @@ def _real_tokens(layer: dict, like: torch.Tensor) -> torch.Tensor:
     return torch.ones(like.shape[:2], device=like.device) if mask is None else mask.float()
 
 
+def _mixer_forward(mixer: M1Mamba2Mixer, layer: dict) -> torch.Tensor:
+    """The mixer on the teacher's input, cast to the mixer's dtype: the mixers are called outside the student's
+    forward, so no autocast of the trainer reaches them, and the teacher may run in another dtype."""
+    return mixer(layer["x"].to(mixer.in_proj.weight.dtype), seq_idx=layer["seq_idx"], token_mask=layer["token_mask"])
+
+
 def alignment_loss(student, captured: dict[int, dict]) -> tuple[torch.Tensor, dict[int, float]]:
     """Mean over layers of each mixer's normalised squared error on the teacher's attention output; also the
     per-layer values (floats, for logging)."""
     losses = {}
     for i, layer in captured.items():
         mixer: M1Mamba2Mixer = student.model.layers[i].mamba
-        out = mixer(layer["x"], seq_idx=layer["seq_idx"], token_mask=layer["token_mask"])
+        out = _mixer_forward(mixer, layer)
         weight = _real_tokens(layer, out)
         error = ((out.float() - layer["y"].float()).pow(2).sum(-1) * weight).sum()
         energy = (layer["y"].float().pow(2).sum(-1) * weight).sum().clamp_min(1e-12)
@@ -126,7 +132,7 @@ def fit_norm_scales(student, captured: dict[int, dict]) -> dict[int, float]:
         seen = {}
         handle = mixer.norm.register_forward_hook(lambda m, args, out: seen.update(y=args[0], z=args[1]))
         try:
-            mixer(layer["x"], seq_idx=layer["seq_idx"], token_mask=layer["token_mask"])
+            _mixer_forward(mixer, layer)
         finally:
             handle.remove()
         ones = torch.ones_like(mixer.norm.weight, dtype=torch.float32)

@@ -22,7 +22,7 @@ class M1Args(BaseModel):
     m1_kl_temperature: float = Field(default=1.0, gt=0.0, description="Softmax temperature of both models in the KL.")
     m1_loss_chunk_size: int = Field(default=512, gt=0, description="Tokens per chunk of the KL: bounds its fp32 memory.")
     m1_teacher_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
-        default=None, description="dtype of the frozen teacher; default: the student's.")
+        default=None, description="dtype of the frozen teacher; default: the run's (bf16/fp16 when set, else the student's).")
     m1_convert_from: str | None = Field(
         default=None, description="A Transformer checkpoint to convert into `base_model` at start-up (once; reused "
                                   "while the conversion settings are unchanged). Also the default m1_teacher.")

@@ -38,6 +38,12 @@ def load_teacher(path: str, dtype: torch.dtype, device) -> torch.nn.Module:
     return teacher.to(device).eval().requires_grad_(False)
 
 
+def training_dtype(args, model) -> torch.dtype:
+    """The dtype the run computes in: bf16 / fp16 when the config asks for them (the student's `dtype` may then
+    still report float32, from a parameter Axolotl keeps in full precision), else the student's."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else model.dtype
+
+
 class M1TeacherTrainer(AxolotlTrainer):
     """Loads the frozen teacher next to the student and, with m1_fidelity_data, logs held-out fidelity."""
 
@@ -45,7 +51,7 @@ class M1TeacherTrainer(AxolotlTrainer):
         super().__init__(*args, **kwargs)
         a = self.args
         check_same_tokenizer(a.m1_teacher, self.processing_class)
-        dtype = getattr(torch, a.m1_teacher_dtype) if a.m1_teacher_dtype else self.model.dtype
+        dtype = getattr(torch, a.m1_teacher_dtype) if a.m1_teacher_dtype else training_dtype(a, self.model)
         self.teacher = load_teacher(a.m1_teacher, dtype, self.args.device)
         if self.teacher.config.vocab_size != self.model.config.vocab_size:
             raise ValueError(f"teacher vocab_size {self.teacher.config.vocab_size} != student vocab_size "
