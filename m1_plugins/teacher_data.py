@@ -66,7 +66,8 @@ def make_generator(model, tokenizer, max_model_len: int, batch_size: int = 32, k
 def iter_answers(model, tokenizer, problems: list[Problem], max_new_tokens: int = 512, temperature: float = 0.0,
                  batch_size: int = 32, generator: str | Generator = "engine", seed: int = 0, chunk_size: int = 64,
                  skip: int = 0, progress: bool = True, desc: str = "answers") -> Iterator[list[dict]]:
-    """Answer problems[skip:] `chunk_size` prompts at a time, yielding each chunk's records (module docstring).
+    """Answer problems[skip:] `chunk_size` prompts at a time (at least `batch_size`, so that the engine always has
+    a full batch to run), yielding each chunk's records (module docstring).
     temperature 0 is greedy; a chunk's seed is `seed` + the index of its first problem, so a resumed run draws
     what an uninterrupted one would. `generator` is a kind for `make_generator` or a ready `Generator`."""
     if skip >= len(problems):
@@ -75,6 +76,7 @@ def iter_answers(model, tokenizer, problems: list[Problem], max_new_tokens: int 
     if isinstance(generator, str):
         generator = make_generator(model, tokenizer, max(map(len, prompts)) + max_new_tokens, batch_size, generator)
     eos = eos_token_ids(model, tokenizer)
+    chunk_size = max(chunk_size, batch_size)
     with tqdm(total=len(problems), initial=skip, desc=desc, unit="prompt", disable=not progress) as bar:
         for first in range(skip, len(problems), chunk_size):
             outputs = generator.generate(prompts[first:first + chunk_size], 1, temperature, 1.0, max_new_tokens,

@@ -51,7 +51,7 @@ def test_records(tiny_model, tiny_tokenizer):
 
 def test_an_interrupted_run_resumes_after_its_last_chunk(tiny_model, tiny_tokenizer, tmp_path):
     model, out = tiny_model(), tmp_path / "answers.jsonl"
-    options = dict(max_new_tokens=5, chunk_size=2, progress=False)
+    options = dict(max_new_tokens=5, batch_size=2, chunk_size=2, progress=False)
     reference = generate_answers(model, tiny_tokenizer, problems(5), generator="hf", **options)
 
     interrupted = StopsAfter(model, pad_token_id=0, eos_token_ids=[2], calls=1)
