@@ -341,13 +341,12 @@ def demo(workdir, num_attn_layers, size, max_new_tokens):
         write_teacher(teacher_dir)
     n_layers = json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"]
     hybrid_dir = workdir / "hybrid"
-    if hybrid_dir.exists():
-        kept = json.loads((hybrid_dir / "config.json").read_text())["attn_layers"]
-        if len(kept) != num_attn_layers:
-            raise click.ClickException(f"{hybrid_dir} keeps {len(kept)} attention layers, not --num-attn-layers "
-                                       f"{num_attn_layers}: use another --workdir or delete {workdir}.")
-    else:
+    if not hybrid_dir.exists():
         click.echo(_format_summary(convert_hybrid_dir(teacher_dir, hybrid_dir, num_attn_layers=num_attn_layers)))
+    kept = json.loads((hybrid_dir / "config.json").read_text())["attn_layers"]
+    if len(kept) != num_attn_layers:
+        raise click.ClickException(f"{hybrid_dir} keeps {len(kept)} attention layers, not --num-attn-layers "
+                                   f"{num_attn_layers}: use another --workdir or delete {workdir}.")
     if not (workdir / "hybrid-all-attention").exists():
         convert_hybrid_dir(teacher_dir, workdir / "hybrid-all-attention", attn_layers=list(range(n_layers)))
     report_path = workdir / "report.json"
@@ -365,7 +364,6 @@ def demo(workdir, num_attn_layers, size, max_new_tokens):
             teacher_dir, workdir / name, "gsm_symbolic", size, 10_000, settings["max_length"], torch.device("cpu"),
             max_new_tokens=0 if identity else max_new_tokens, answers=workdir / "teacher_answers.jsonl")}
         report_path.write_text(json.dumps(results, indent=2))
-    kept = json.loads((hybrid_dir / "config.json").read_text())["attn_layers"]
     text = _demo_report(results, kept, n_layers, settings)
     (workdir / "report.md").write_text(text)
     click.echo(text)

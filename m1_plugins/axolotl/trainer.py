@@ -78,6 +78,7 @@ class M1AlignTrainer(M1TeacherTrainer):
         super().__init__(*args, **kwargs)
         align.check_alignable(self.teacher.config, self.model.config)
         self.layers = align.mamba_layers(self.model.config)
+        self.norms_fitted = False  # once, before the first update (a resumed run keeps its trained norms)
         for name, param in self.model.named_parameters():
             param.requires_grad_(".mamba." in name)  # the mixers only: the copied layers stay the teacher's
         trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -87,10 +88,10 @@ class M1AlignTrainer(M1TeacherTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
-        fit_norms = self.state.global_step == 0 and not getattr(self, "norms_fitted", False)
+        fit_norms = self.state.global_step == 0 and not self.norms_fitted
         captured = align.capture_teacher(self.teacher, model_inputs, self.layers, keep_pre_o=fit_norms)
         student = self.accelerator.unwrap_model(model)
-        if fit_norms:  # once, before the first update (a resumed run keeps its trained norms)
+        if fit_norms:
             means = align.fit_norm_scales(student, captured)
             self.norms_fitted = True
             LOG.info("m1 alignment: gated-norm scales fitted to the teacher (mean weight per layer %s)",
