@@ -10,7 +10,7 @@
 # wandb are never used either but axolotl imports them unconditionally: carried (bitsandbytes' cu130 library only).
 # One folder, trimmed, xz-compressed, split into .gpu/ax1, .gpu/ax2, .gpu/ax3 (158 MiB in all) of at most 58 MiB
 # each, so each part plus the repository fits one device call (64 MiB). Needs the verl venv (or PYTHON=, another
-# Python 3.12, as on the GPU machine) and ../shared/device/smollm2-parts.sh. Takes a few minutes, mostly xz.
+# Python 3.12, as on the GPU machine). Takes a few minutes, mostly xz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu_lib.sh

