@@ -26,7 +26,7 @@ OUT=${OUT:-runs/gpu}
 AX=${AX:-/tmp/ax}
 LOGS=$AX/logs MODELS=$AX/models DATA=$AX/data
 TASKS=gsm_symbolic,basic_arithmetic,chain_sum
-SIZE=${AX_SIZE:-2000}       # training prompts per task (seed 0)
+SIZE=${AX_SIZE:-1000}       # training prompts per task (seed 0)
 HELDOUT=${AX_HELDOUT:-40}    # held-out prompts per task (seed 10000, never trained on)
 NEW=${AX_NEW_TOKENS:-512}    # length limit of the teacher's answers
 # the bundle first: its transformers 5.16.1 (Axolotl 0.19's pin) must win over the image's 5.17
