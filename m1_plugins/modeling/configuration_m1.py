@@ -76,6 +76,7 @@ class M1Config(LlamaConfig):
     def __post_init__(self, **kwargs):
         self.attn_layers = sorted(self.attn_layers or [])
         self.mamba_dt_limit = tuple(float(v) for v in self.mamba_dt_limit)
+        self._check_sizes()  # before the default mamba_n_groups divides by mamba_head_dim
         if self.mamba_n_groups is None:
             self.mamba_n_groups = self.mamba_d_inner // self.mamba_head_dim
         super().__post_init__(**kwargs)
@@ -101,6 +102,13 @@ class M1Config(LlamaConfig):
     @property
     def layers_block_type(self) -> list[str]:
         return ["attention" if i in self.attn_layers else "mamba" for i in range(self.num_hidden_layers)]
+
+    def _check_sizes(self):
+        """A zero or negative size builds a mixer without state or heads (or an endless scan): refused by name."""
+        sizes = ("mamba_d_state", "mamba_head_dim", "mamba_chunk_size", "mamba_d_conv", "mamba_expand")
+        bad = [f"{name}={getattr(self, name)}" for name in sizes if getattr(self, name) < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: Mamba sizes must be positive integers.")
 
     def validate_architecture(self):
         """Part of `@strict` validation: every inconsistency names the values and the fix."""

@@ -428,6 +428,13 @@ def test_config_errors_name_the_value(make_config, overrides, message):
     assert "ValueError" in str(info.value)  # the validator's own ValueError is what is wrapped
 
 
+@pytest.mark.parametrize("field", ["mamba_d_state", "mamba_head_dim", "mamba_chunk_size", "mamba_d_conv", "mamba_expand"])
+@pytest.mark.parametrize("value", [0, -2])
+def test_config_refuses_non_positive_mamba_sizes(make_config, field, value):
+    with pytest.raises(ValueError, match=f"{field}={value}: Mamba sizes must be positive integers"):
+        make_config("m1", **{field: value})
+
+
 def test_config_defaults_and_derived_fields(make_config):
     c = make_config("m1", attn_layers=[3, 1])
     assert c.attn_layers == [1, 3]
