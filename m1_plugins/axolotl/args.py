@@ -65,6 +65,19 @@ class M1Args(BaseModel):
         return self
 
 
+def check_known_keys(cfg) -> None:
+    """Refuse an unknown `m1_*` key, naming the closest valid one: Axolotl keeps unknown keys without a word, so a
+    typo (`m1_kl_wieght`) would otherwise train with the default."""
+    import difflib
+
+    valid = list(M1Args.model_fields)
+    for key in cfg:
+        if key.startswith("m1_") and key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(valid)}."
+            raise ValueError(f"unknown M1 plugin key {key!r}: {hint}")
+
+
 def check_conversations_file(path: str, key: str) -> None:
     """A JSONL file whose first line is an object with a "messages" list: refused in one line otherwise."""
     import json

@@ -3,7 +3,7 @@
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 
-from .args import M1_TRAINING_KEYS
+from .args import M1_TRAINING_KEYS, check_known_keys
 
 LOG = get_logger("axolotl.integrations.m1")  # Axolotl shows its own namespace at INFO
 
@@ -15,6 +15,7 @@ class M1Plugin(BasePlugin):
     teacher: `m1_kl_weight > 0` or held-out fidelity logging)."""
 
     def register(self, cfg):
+        check_known_keys(cfg)  # first: a typo'd key must not be trained past
         import m1_plugins
         from axolotl.monkeypatch.multipack import SUPPORTED_MULTIPACK_MODEL_TYPES
 

@@ -36,6 +36,15 @@ def test_args_validation(tmp_path):
     assert M1Args(m1_kl_weight=0, m1_ce_weight=1.0).m1_teacher is None
 
 
+def test_unknown_m1_key_is_refused_with_the_closest_one():
+    from m1_plugins.axolotl import M1Plugin
+
+    with pytest.raises(ValueError, match="unknown M1 plugin key 'm1_kl_wieght': did you mean m1_kl_weight\\?"):
+        M1Plugin().register({"base_model": "x", "m1_kl_wieght": 1.0})
+    with pytest.raises(ValueError, match="unknown M1 plugin key 'm1_zzz': valid keys: m1_align, m1_teacher"):
+        M1Plugin().register({"m1_zzz": 1})
+
+
 def test_tokenizer_mismatch_is_refused(smollm2_dir):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     check_same_tokenizer(str(smollm2_dir), tokenizer)
