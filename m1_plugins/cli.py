@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -21,9 +22,12 @@ def _parse_layers(value: str | None) -> list[int] | None:
     if value is None:
         return None
     try:
-        return [int(v) for v in value.replace(" ", "").split(",") if v != ""]
+        layers = [int(v) for v in value.replace(" ", "").split(",") if v != ""]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated layer indices such as 3,8,13, got {value!r}")
+    if not layers:  # an empty list would silently make an all-Mamba model
+        raise click.BadParameter("no layer given; for an all-Mamba model pass --num-attn-layers 0 instead.")
+    return layers
 
 
 def _device(name: str):
@@ -45,8 +49,28 @@ def _dtype(name: str):
 DTYPE = click.Choice(["float32", "bfloat16", "float16"])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """What bad input raises (bad values, missing or existing paths, unreadable files, a missing extra): a message
+    for the user, not a bug."""
+    from safetensors import SafetensorError
+
+    return ValueError, OSError, ImportError, SafetensorError
+
+
+class M1Group(click.Group):
+    """Expected errors end in one line (`Error: ...`, exit 1); the traceback only with --verbose or M1_VERBOSE=1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _expected_errors() as err:
+            if ctx.params.get("verbose") or os.environ.get("M1_VERBOSE") == "1":
+                raise
+            raise click.ClickException(" ".join(str(err).split()) or type(err).__name__) from err
+
+
+@click.group(cls=M1Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, and the traceback of an error.")
 def main(verbose):
     """M1: distil a Transformer into a hybrid Transformer/Mamba-2 model, and the tools around it.
 
@@ -60,7 +84,10 @@ def main(verbose):
       m1 tts --results DIR --out DIR                       # accuracy vs samples / time budget / length, plots
       m1 demo                                              # the main job on the CPU-sized default
     """
+    from .utils import exit_on_sigterm
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    exit_on_sigterm()
 
 
 @main.command()
@@ -81,14 +108,14 @@ def teacher(out, overwrite):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the hybrid (must not exist).")
 @click.option("--attn-layers", callback=lambda c, p, v: _parse_layers(v),
               help="Comma-separated indices of layers kept as attention, e.g. 3,8,13,18,23,27 (the paper's, for 28 layers).")
-@click.option("--num-attn-layers", type=int, help="Instead of --attn-layers: keep N attention layers spread evenly (last one included).")
+@click.option("--num-attn-layers", type=click.IntRange(min=0), help="Instead of --attn-layers: keep N attention layers spread evenly (last one included).")
 @click.option("--layout", type=click.Choice(["m1", "head-aligned"]), default="m1", show_default=True,
               help="m1: SSM state 16 in heads of 16 (the paper); head-aligned: d_state = head_dim, one group per attention head.")
 @click.option("--xb-expansion", type=click.Choice(["repeat", "learned"]), default="repeat", show_default=True,
               help="GQA: repeat K/V heads into x and B, or the paper's learned kv->full linears (initialised as the repeat).")
 @click.option("--gate", type=click.Choice(["open", "random"]), default="open", show_default=True,
               help="z gate at initialisation: open (silu(z) = 1, zero z rows + bias) or MambaInLlama's random z rows.")
-@click.option("--d-state", type=int, help="Override the SSM state size of the layout.")
+@click.option("--d-state", type=click.IntRange(min=1), help="Override the SSM state size of the layout.")
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True, help="dtype to load the teacher and save the hybrid in.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the new parameters (z, dt, A).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -123,7 +150,7 @@ def _format_summary(s: dict) -> str:
               help="reasoning-gym task used as held-out text, or several comma-separated (--size problems of each).")
 @click.option("--size", type=click.IntRange(min=1), default=32, show_default=True, help="Held-out problems per task.")
 @click.option("--seed", type=int, default=10_000, show_default=True, help="Dataset seed (keep it apart from training seeds).")
-@click.option("--max-length", type=int, default=512, show_default=True,
+@click.option("--max-length", type=click.IntRange(min=1), default=512, show_default=True,
               help="Tokens per scored conversation, prompt included (longer ones are cut).")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True,
               help="Length limit of the teacher's and the student's greedy answers; 0 skips the teacher-answer part.")
@@ -144,11 +171,8 @@ def report(teacher_dir, student_dir, task, size, seed, max_length, max_new_token
        whose final answer (the last \\boxed{}, else the last number) equals the teacher's, and each model's
        accuracy against the ground truth: strict (the \\boxed{} answer, math-verify) and lenient (the final answer).
     """
-    try:
-        result = fidelity_between_dirs(teacher_dir, student_dir, task, size, seed, max_length, _device(device),
-                                       max_new_tokens=max_new_tokens, answers=answers)
-    except ValueError as err:  # a tokenizer or answers-cache mismatch: one line with the fix
-        raise click.ClickException(str(err))
+    result = fidelity_between_dirs(teacher_dir, student_dir, task, size, seed, max_length, _device(device),
+                                   max_new_tokens=max_new_tokens, answers=answers)
     click.echo(json.dumps(result, indent=2))
     if out:
         out.write_text(json.dumps(result, indent=2))
@@ -172,10 +196,13 @@ def fidelity_between_dirs(teacher_dir, student_dir, task, size, seed, max_length
     from .data import reasoning_gym_conversations, reasoning_gym_problems
     from .fidelity import fidelity_report
     from .teacher_data import answer_settings, load_model, read_answers
-    from .utils import check_same_tokenizer
+    from .utils import check_checkpoint, check_same_tokenizer
 
     tasks = _tasks(task)
-    # the cheap refusals first: another vocabulary, or a cache of the teacher's answers to other prompts / settings
+    # the cheap refusals first: not a checkpoint, another vocabulary, or a cache of the teacher's answers to other
+    # prompts / settings
+    check_checkpoint(teacher_dir)
+    check_checkpoint(student_dir)
     check_same_tokenizer(teacher_dir, AutoTokenizer.from_pretrained(student_dir))
     problems = [p for t in tasks for p in reasoning_gym_problems(t, size=size, seed=seed)] if max_new_tokens else []
     settings = answer_settings(teacher_dir, max_new_tokens, temperature=0.0)
@@ -273,36 +300,34 @@ def data(task, size, seed, teacher_dir, max_new_tokens, batch_size, temperature,
       Resumable: finished chunks go to OUT.partial and a rerun with the same settings continues there; OUT
       appears only when complete, its settings next to it in OUT.settings.json.
     """
-    from .utils import refuse_existing
+    from .utils import check_checkpoint, refuse_existing
 
-    try:
-        refuse_existing(out, overwrite)  # before anything is loaded or generated
-    except FileExistsError as err:
-        raise click.ClickException(str(err))
+    refuse_existing(out, overwrite)  # before anything is loaded or generated
     tasks = _tasks(task)
     if teacher_dir is None:
         from .data import reasoning_gym_conversations
 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(out.suffix + ".tmp")
-        with tmp.open("w") as f:
-            for t in tasks:
-                for messages in reasoning_gym_conversations(t, size=size, seed=seed):
-                    f.write(json.dumps({"messages": messages}) + "\n")
-        tmp.replace(out)
+        try:
+            with tmp.open("w") as f:
+                for t in tasks:
+                    for messages in reasoning_gym_conversations(t, size=size, seed=seed):
+                        f.write(json.dumps({"messages": messages}) + "\n")
+            tmp.replace(out)
+        finally:  # a failed or interrupted run leaves no partial file behind
+            tmp.unlink(missing_ok=True)
         click.echo(f"wrote {size * len(tasks)} {task} conversations to {out}")
         return
 
     from .data import reasoning_gym_problems
     from .teacher_data import load_model, write_answers
 
+    check_checkpoint(teacher_dir)
     problems = [p for t in tasks for p in reasoning_gym_problems(t, size=size, seed=seed)]
     model, tokenizer = load_model(teacher_dir, _device(device), _dtype(dtype))
-    try:
-        records = write_answers(model, tokenizer, problems, out, max_new_tokens=max_new_tokens, temperature=temperature,
-                                batch_size=batch_size, overwrite=overwrite)
-    except ValueError as err:  # a partial run of other settings or prompts
-        raise click.ClickException(str(err))
+    records = write_answers(model, tokenizer, problems, out, max_new_tokens=max_new_tokens, temperature=temperature,
+                            batch_size=batch_size, overwrite=overwrite)
     finished = sum(r["finished"] for r in records)
     click.echo(f"wrote {len(records)} answers of {teacher_dir} to {task} problems to {out}: {finished} ended with EOS, "
                f"{len(records) - finished} were cut at --max-new-tokens {max_new_tokens}")

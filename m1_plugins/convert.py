@@ -230,18 +230,20 @@ def convert_hybrid_dir(teacher_dir, out_dir, attn_layers=None, num_attn_layers=N
     Returns `conversion_summary` plus the time taken."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .utils import atomic_output_dir, refuse_existing
+    from .utils import atomic_output_dir, check_checkpoint, refuse_existing
 
     start = time.perf_counter()
+    check_checkpoint(teacher_dir)
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     if teacher_config.model_type == M1Config.model_type:
         raise ValueError(f"{teacher_dir} is already an M1 hybrid; pass the Transformer it came from as --teacher.")
-    convert_config(teacher_config, [], layout, xb_expansion, gate)  # fail fast on the model type, before loading weights
     if (attn_layers is None) == (num_attn_layers is None):
         raise ValueError("Give exactly one of --attn-layers (e.g. 3,8,13,18,23,27) or --num-attn-layers N.")
     if attn_layers is None:
         attn_layers = spaced_attn_layers(teacher_config.num_hidden_layers, num_attn_layers)
     mixer_options = {} if d_state is None else {"mamba_d_state": d_state}
+    # every refusal (model type, layers, sizes, existing output) before the weights are read
+    convert_config(teacher_config, attn_layers, layout, xb_expansion, gate, **mixer_options)
     refuse_existing(out_dir, overwrite)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype)
     tokenizer = None

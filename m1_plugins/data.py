@@ -1,15 +1,21 @@
 """Offline datasets: reasoning-gym tasks rendered as chat conversations with the M1 prompt suffix."""
 
+import difflib
+
 M1_PROMPT_SUFFIX = "Let's think step by step and output the final answer within \\boxed{}."
 DATA_INSTALL = 'pip install "m1-plugins[data]"'
 
 
-def _reasoning_gym_items(task: str, size: int, seed: int):
+def _reasoning_gym():
     try:
         import reasoning_gym
     except ImportError as err:
         raise ImportError(f"reasoning-gym is needed for offline task data. Install: {DATA_INSTALL}") from err
-    return reasoning_gym.create_dataset(task, size=size, seed=seed)
+    return reasoning_gym
+
+
+def _reasoning_gym_items(task: str, size: int, seed: int):
+    return _reasoning_gym().create_dataset(task, size=size, seed=seed)
 
 
 def _user_turn(item) -> dict:
@@ -41,4 +47,15 @@ def parse_tasks(value: str) -> list[str]:
     tasks = [t.strip() for t in value.split(",") if t.strip()]
     if not tasks or len(set(tasks)) != len(tasks):
         raise ValueError(f"expected comma-separated distinct reasoning-gym task names, got {value!r}")
+    known = reasoning_gym_tasks()
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(f"unknown reasoning-gym task {task!r}: {hint}tasks: {', '.join(known)}")
     return tasks
+
+
+def reasoning_gym_tasks() -> list[str]:
+    """The registered reasoning-gym task names, sorted."""
+    return sorted(_reasoning_gym().factory.DATASETS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .utils import atomic_output_dir
+from .utils import atomic_output_dir, refuse_existing
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def load_gguf_teacher(directory=None, gguf_file=None, dtype=torch.float32):
 
 def write_teacher(out_dir, overwrite: bool = False, dtype=torch.float32) -> Path:
     """Write the offline teacher to `out_dir` as safetensors + config + tokenizer; returns the path."""
+    refuse_existing(out_dir, overwrite)  # before the GGUF is read (a minute on a slow disk)
     model, tokenizer = load_gguf_teacher(dtype=dtype)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
