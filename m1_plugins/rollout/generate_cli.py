@@ -22,24 +22,31 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt (tokens, log-probs, finish reason).")
 def generate_command(model_dir, prompts, n, temperature, top_p, top_k, max_tokens, seed, dtype, device, as_json):
     """Generate answers to chat prompts with the M1 engine and print them with tokens/s."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..cli import _device, _dtype
     from ..modeling import M1ForCausalLM
+    from ..utils import check_checkpoint
     from .engine import M1Engine, kv_tokens_for
     from .sampling import SamplingParams
 
     device = _device(device)
     dtype = _dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    check_checkpoint(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    if not isinstance(model, M1ForCausalLM):
-        raise click.ClickException(f"{model_dir} holds a {type(model).__name__}, not an M1 model: convert it first "
-                                   "(`m1 convert --teacher DIR --out DIR`).")
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
            for p in prompts]
     ids = [i if isinstance(i, list) else i["input_ids"] for i in ids]
     max_len = max(map(len, ids)) + max_tokens
+    limit = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    if max_len > limit:  # refused before the model is loaded: a longer sequence leaves the positions it was trained on
+        raise click.BadParameter(f"the longest prompt ({max_len - max_tokens} tokens) + --max-tokens ({max_tokens}) "
+                                 f"exceeds the model's max length ({limit} tokens): shorten the prompt or lower "
+                                 "--max-tokens.", param_hint="--prompt")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    if not isinstance(model, M1ForCausalLM):
+        raise click.ClickException(f"{model_dir} holds a {type(model).__name__}, not an M1 model: convert it first "
+                                   "(`m1 convert --teacher DIR --out DIR`).")
     engine = M1Engine(model, max_num_seqs=len(ids) * n, max_model_len=max_len,
                       kv_cache_tokens=kv_tokens_for(len(ids) * n, max_len) if device.type == "cpu" else None)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, n=n, seed=seed)
