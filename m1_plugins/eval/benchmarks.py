@@ -13,12 +13,14 @@ last \\boxed{} of `solution` (MATH-style); the id from `unique_id`, `id`, `probl
 row number.
 """
 
+import dataclasses
+import difflib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import DATA_INSTALL, M1_PROMPT_SUFFIX
+from ..data import M1_PROMPT_SUFFIX, parse_tasks
 from .grading import extract_boxed
 
 QUESTION_COLUMNS = ("problem", "question")
@@ -73,13 +75,21 @@ def _read_rows(path: Path) -> list[dict]:
 
         return pd.read_parquet(path).to_dict("records")
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [_json_line(line, path, number) for number, line in enumerate(path.read_text().splitlines(), 1)
+                if line.strip()]
     if path.suffix == ".json":
         rows = json.loads(path.read_text())
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}.")
         return rows
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet.")
+
+
+def _json_line(line: str, path: Path, number: int) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} line {number} is not valid JSON ({err.msg}, column {err.colno}): one object per line.")
 
 
 def _column(row: dict, candidates: tuple[str, ...]):
@@ -128,16 +138,23 @@ def _parse_value(text: str):
 
 def _load_reasoning_gym(name: str | None, spec: str) -> list[Problem]:
     task, *options = spec.split(",")
+    parse_tasks(task)  # an unknown task (named with the closest one), or reasoning-gym not installed
+    import reasoning_gym
+
+    fields = {f.name: f for f in dataclasses.fields(reasoning_gym.factory.DATASETS[task][1])}
     config = {"size": 100, "seed": 0}
     for option in options:
-        key, sep, value = option.partition("=")
+        key, sep, value = (part.strip() for part in option.partition("="))
         if not sep:
             raise ValueError(f"rg:{spec}: expected KEY=VALUE options after the task name, got {option!r}.")
-        config[key.strip()] = _parse_value(value.strip())
-    try:
-        import reasoning_gym
-    except ImportError as err:
-        raise ImportError(f"reasoning-gym is needed for rg: benchmarks. Install: {DATA_INSTALL}") from err
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(f"rg:{spec}: {task} has no option {key!r}; {hint}options: {', '.join(fields)}.")
+        config[key] = _parse_value(value)
+        default = fields[key].default
+        if type(default) in (int, float) and type(config[key]) not in (int, type(default)):  # size=abc, size=1.5
+            raise ValueError(f"rg:{spec}: {key}={value} must be {'an integer' if type(default) is int else 'a number'}.")
     dataset = reasoning_gym.create_dataset(task, **config)
     return [_checked(Problem(name or task, str(i), item["question"], str(item["answer"])), f"rg:{spec} item {i}")
             for i, item in enumerate(dataset)]

@@ -37,11 +37,17 @@ def eval_command(models, benchmarks, n, temperature, top_p, max_new_tokens, seed
 
     Writes OUT/LABEL/samples.jsonl (every sample), OUT/summary.json and OUT/summary.md."""
     from ..cli import _device, _dtype
+    from ..utils import check_checkpoint
     from .metrics import summarize
     from .results import SUMMARY_FILE, add_timing, check_settings, markdown_table, model_labels, read_timing
 
     start = time.perf_counter()
+    if n > batch_size:  # a problem's samples run in one batch
+        raise click.BadParameter(f"--n {n} samples per problem do not fit in --batch-size {batch_size}: raise "
+                                 f"--batch-size to at least {n} or lower --n.", param_hint="--n")
     problems = _load_benchmarks(benchmarks)
+    for model_dir in models:  # before any model is loaded
+        check_checkpoint(model_dir)
     settings = {"models": [str(Path(m).resolve()) for m in models], "benchmarks": list(benchmarks), "n": n,
                 "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed, "dtype": dtype,
                 "engine": engine}
