@@ -214,25 +214,30 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
     return True
 
 
-def _ints(value):
-    return [int(v) for v in value.split(",") if v.strip()]
+def _positive_ints(value: str, option: str) -> list[int]:
+    """Comma-separated positive integers (batch sizes, lengths); anything else is refused naming the option."""
+    parts = [v.strip() for v in value.split(",") if v.strip()]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"expected comma-separated positive integers such as 8,16,32, got {value!r}",
+                                 param_hint=option)
+    return [int(p) for p in parts]
 
 
 @click.command("bench")
 @click.option("--models", default="m1,llama", show_default=True, help=f"Comma-separated subset of {', '.join(MODELS)} "
               "(m1: the paper's mixer; aligned: the head-aligned mixer; llama: every layer attention).")
 @click.option("--batch-sizes", default="8,16,32,64,128,256,512", show_default=True, help="Batch sweep at --gen-len.")
-@click.option("--gen-len", type=int, default=4096, show_default=True, help="New tokens per sequence in the batch sweep.")
-@click.option("--length-batch", type=int, default=128, show_default=True, help="Batch of the generation-length sweep.")
+@click.option("--gen-len", type=click.IntRange(min=1), default=4096, show_default=True, help="New tokens per sequence in the batch sweep.")
+@click.option("--length-batch", type=click.IntRange(min=1), default=128, show_default=True, help="Batch of the generation-length sweep.")
 @click.option("--gen-lens", default="", help="Generation-length sweep at --length-batch, e.g. 1024,2048,...,32768 "
               "(empty: none).")
-@click.option("--prompt-len", type=int, default=256, show_default=True)
-@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed runs per point.")
-@click.option("--warmup-len", type=int, default=4096, show_default=True, help="New tokens of a warm-up run "
+@click.option("--prompt-len", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed runs per point.")
+@click.option("--warmup-len", type=click.IntRange(min=1), default=4096, show_default=True, help="New tokens of a warm-up run "
               "(shorter warm-ups still compile every kernel and fill every graph bucket).")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per point (mean reported).")
-@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True)
-@click.option("--kv-cache-tokens", type=int, help="Fix the KV pool size instead of planning it from free memory.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per point (mean reported).")
+@click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True)
+@click.option("--kv-cache-tokens", type=click.IntRange(min=1), help="Fix the KV pool size instead of planning it from free memory.")
 @click.option("--peak-bandwidth", type=float, help="HBM bytes/s for the roofline (default: from the GPU's name).")
 @click.option("--peak-flops", type=float, help="Dense bf16 FLOP/s for the roofline (default: from the GPU's name).")
 @click.option("--mamba-state-dtype", type=click.Choice(["float32", "model"]), default="float32", show_default=True,
@@ -247,7 +252,8 @@ def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_l
     names = [m.strip() for m in models.split(",") if m.strip()]
     if unknown := [m for m in names if m not in MODELS]:
         raise click.BadParameter(f"unknown models {unknown}; choose from {', '.join(MODELS)}", param_hint="--models")
-    points = [(b, gen_len) for b in _ints(batch_sizes)] + [(length_batch, g) for g in _ints(gen_lens)]
+    points = ([(b, gen_len) for b in _positive_ints(batch_sizes, "--batch-sizes")]
+              + [(length_batch, g) for g in _positive_ints(gen_lens, "--gen-lens")])
     args = dict(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, tiny=tiny,
                 prompt_len=prompt_len, points=points, batch_sizes=[b for b, _ in points], gen_lens=[g for _, g in points],
                 warmup=warmup, warmup_len=warmup_len, repeats=repeats, gpu_memory_utilization=gpu_memory_utilization,
