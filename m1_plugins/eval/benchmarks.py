@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import re
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +156,12 @@ def _load_reasoning_gym(name: str | None, spec: str) -> list[Problem]:
         default = fields[key].default
         if type(default) in (int, float) and type(config[key]) not in (int, type(default)):  # size=abc, size=1.5
             raise ValueError(f"rg:{spec}: {key}={value} must be {'an integer' if type(default) is int else 'a number'}.")
-    dataset = reasoning_gym.create_dataset(task, **config)
+    if config["size"] < 1:
+        raise ValueError(f"rg:{spec}: size={config['size']} must be a positive integer (the number of problems).")
+    try:
+        dataset = reasoning_gym.create_dataset(task, **config)
+    except AssertionError as err:  # each task checks its own options with asserts (min_terms=0), some without a message
+        check = str(err) or traceback.extract_tb(err.__traceback__)[-1].line
+        raise ValueError(f"rg:{spec}: {task} refuses these options ({check}).") from err
     return [_checked(Problem(name or task, str(i), item["question"], str(item["answer"])), f"rg:{spec} item {i}")
             for i, item in enumerate(dataset)]

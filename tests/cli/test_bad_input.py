@@ -123,6 +123,11 @@ def problems_file(tmp_path):
     ("rg:gsm_symbolic,size=abc", "rg:gsm_symbolic,size=abc: size=abc must be an integer."),
     ("rg:gsm_symbolic,sz=2", "rg:gsm_symbolic,sz=2: gsm_symbolic has no option 'sz'; did you mean size? options: "
                              "difficulty, seed, size."),
+    ("rg:gsm_symbolic,size=0", "rg:gsm_symbolic,size=0: size=0 must be a positive integer (the number of problems)."),
+    ("rg:basic_arithmetic,min_terms=0", "rg:basic_arithmetic,min_terms=0: basic_arithmetic refuses these options "
+                                        "(min_terms must be positive)."),
+    ("rg:gsm_symbolic,difficulty=2", "rg:gsm_symbolic,difficulty=2: gsm_symbolic refuses these options (assert 1.0 <= "
+                                     "self.difficulty <= 1.0  # currently only difficulty 1.0 is supported)."),
 ])
 def test_eval_refuses_bad_benchmark_options(spec, message, problems_file, tmp_path):
     result = m1("eval", "--model", tmp_path, "--benchmark", spec, "--out", tmp_path / "out")
