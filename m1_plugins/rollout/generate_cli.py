@@ -1,4 +1,5 @@
-"""`m1 generate`: chat with an M1 checkpoint through the generation engine (a quick look at what a model does)."""
+"""`m1 generate`: chat with an M1 checkpoint (or a Llama) through the generation engine (a quick look at what a
+model does)."""
 
 import json
 import time
@@ -9,7 +10,8 @@ import click
 
 @click.command("generate")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="M1 checkpoint directory (with tokenizer and chat template).")
+              help="M1 or Llama checkpoint directory (with tokenizer and chat template); a Llama runs as its "
+                   "all-attention M1 conversion, as in `m1 eval`.")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A user message; repeat for several.")
 @click.option("--n", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per prompt (one prefill).")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True, help="0 is greedy.")
@@ -25,9 +27,8 @@ def generate_command(model_dir, prompts, n, temperature, top_p, top_k, max_token
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..cli import _device, _dtype
-    from ..modeling import M1ForCausalLM
+    from ..eval.generate import engine_for
     from ..utils import check_checkpoint
-    from .engine import M1Engine, kv_tokens_for
     from .sampling import SamplingParams
 
     device = _device(device)
@@ -44,11 +45,7 @@ def generate_command(model_dir, prompts, n, temperature, top_p, top_k, max_token
                                  f"exceeds the model's max length ({limit} tokens): shorten the prompt or lower "
                                  "--max-tokens.", param_hint="--prompt")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    if not isinstance(model, M1ForCausalLM):
-        raise click.ClickException(f"{model_dir} holds a {type(model).__name__}, not an M1 model: convert it first "
-                                   "(`m1 convert --teacher DIR --out DIR`).")
-    engine = M1Engine(model, max_num_seqs=len(ids) * n, max_model_len=max_len,
-                      kv_cache_tokens=kv_tokens_for(len(ids) * n, max_len) if device.type == "cpu" else None)
+    engine = engine_for(model, len(ids) * n, max_len)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, n=n, seed=seed)
     start = time.perf_counter()
     outputs = engine.generate(ids, sampling)

@@ -14,7 +14,7 @@ from m1_plugins.rollout.bench import bench_command, bench_config, step_lower_bou
 from m1_plugins.rollout.generate_cli import generate_command
 
 
-def test_generate_prints_samples_and_refuses_a_transformer(smollm2_dir, make_model, tmp_path):
+def test_generate_prints_samples(smollm2_dir, make_model, tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -30,8 +30,22 @@ def test_generate_prints_samples_and_refuses_a_transformer(smollm2_dir, make_mod
     assert all(len(r["token_ids"]) == len(r["logprobs"]) <= 5 and r["finish_reason"] in ("stop", "length") for r in rows)
     again = CliRunner().invoke(generate_command, [str(a) for a in args])
     assert again.stdout == result.stdout  # --seed
-    refused = CliRunner().invoke(generate_command, ["--model", str(smollm2_dir), "--prompt", "Hi"])
-    assert refused.exit_code != 0 and "not an M1 model" in refused.output
+
+
+def test_generate_runs_a_llama_as_its_all_attention_conversion(smollm2_dir):
+    """As `m1 eval` does: the same greedy tokens as transformers' own generate on the Llama."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = CliRunner().invoke(generate_command, ["--model", str(smollm2_dir), "--prompt", "Hi", "--temperature", "0",
+                                                   "--max-tokens", "6", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)["input_ids"]
+    llama = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    expected = llama.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert row["token_ids"] == expected
 
 
 def test_bench_tiny_writes_a_table(tmp_path):
