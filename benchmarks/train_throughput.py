@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: m1_plugins from 
     sys.path.insert(0, str(REPO))
 
 from m1_plugins.benchmarking import (  # noqa: E402
-    ATTN_LAYERS_3B, ATTN_LAYERS_TINY, SHAPE_3B, SHAPE_TINY, hardware, mixer_layout, sync, versions,
+    ATTN_LAYERS_3B, ATTN_LAYERS_TINY, SHAPE_3B, SHAPE_TINY, hardware, mixer_layout, param_count, sync, versions,
 )
 
 MODELS = ("llama", "m1", "m1-xb3", "aligned", "aligned-xb3")
@@ -286,8 +286,7 @@ def markdown(report):
         mem = r.get("peak_mem_gib", "-")
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         warm = ", ".join(f"{t:.1f}" for t in r.get("warmup_s", []))
-        params = f"{r['params'] / 1e9:.3f}B" if r["params"] >= 1e8 else f"{r['params'] / 1e6:.3f}M"
-        lines.append(f"| {r['model']} | {params} | {tps} | {r['ms_per_step']} ± {r['ms_per_step_std']}"
+        lines.append(f"| {r['model']} | {param_count(r['params'])} | {tps} | {r['ms_per_step']} ± {r['ms_per_step_std']}"
                      f" | {mem} | {ratio} | {warm} |")
     p = report.get("precompile") or {}
     if "seconds" in p:

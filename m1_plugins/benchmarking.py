@@ -41,6 +41,11 @@ def mixer_layout(name, shape):
     return fields
 
 
+def param_count(params: int) -> str:
+    """A parameter count for a table: 3.213B, or 0.842M below a billion (a tiny model is not 0.000B)."""
+    return f"{params / 1e9:.3f}B" if params >= 1e9 else f"{params / 1e6:.3f}M"
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()

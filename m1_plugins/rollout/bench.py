@@ -23,7 +23,8 @@ from pathlib import Path
 import click
 import torch
 
-from ..benchmarking import ATTN_LAYERS_3B, ATTN_LAYERS_TINY, SHAPE_3B, SHAPE_TINY, hardware, mixer_layout, versions
+from ..benchmarking import (ATTN_LAYERS_3B, ATTN_LAYERS_TINY, SHAPE_3B, SHAPE_TINY, hardware, mixer_layout, param_count,
+                            versions)
 from ..modeling.cache import state_bytes_per_token
 from .engine import M1Engine
 from .sampling import SamplingParams
@@ -167,7 +168,7 @@ def markdown(report) -> str:
         lines.append(f"| {r['model']} | {r['batch']} | {r['gen_len']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} "
                      f"| {r['max_running']} / {r['mean_running']:.0f} | {r['preemptions']} | {r['gb_per_step']:.2f} "
                      f"| {roof} | {mem} |")
-    lines += [""] + [f"- {m['model']}: {m['params'] / 1e9:.3f}B params, KV pool {m['kv_capacity_tokens']:,} tokens, "
+    lines += [""] + [f"- {m['model']}: {param_count(m['params'])} params, KV pool {m['kv_capacity_tokens']:,} tokens, "
                      f"{m['kv_bytes_per_token']:,} KV bytes/token, {m['state_bytes_per_seq']:,} Mamba-state bytes/sequence, "
                      f"{m['graph_captures']} CUDA graphs, setup {m['setup_s']} s" for m in report["models"]]
     v = report["versions"]
@@ -176,13 +177,14 @@ def markdown(report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict], path: Path, title: str) -> bool:
+def plot(results: list[dict], path: Path, title: str) -> str | None:
     """path (.png): tokens/s against the batch (one line per model and generation length) and against the generation
-    length (one line per model and batch), for the series with two points or more. False without matplotlib."""
+    length (one line per model and batch), for the series with two points or more. Returns why no plot was written,
+    else None."""
     try:
         import matplotlib
     except ImportError:
-        return False
+        return "matplotlib is not installed"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
@@ -197,7 +199,7 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
         if lines:
             series.append((fixed, label, lines))
     if not series:
-        return False
+        return "a line needs two batch sizes (or two --gen-lens) of one model"
     fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4), squeeze=False)
     for ax, (fixed, label, lines) in zip(axes[0], series):
         for (model, value), points in lines.items():
@@ -211,7 +213,7 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
+    return None
 
 
 def _positive_ints(value: str, option: str) -> list[int]:
@@ -268,12 +270,16 @@ def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_l
                            "peak_bandwidth": args["peak_bandwidth"], "peak_flops": args["peak_flops"]}}
     from tqdm import tqdm
 
-    def save():  # after every point: an interrupted run keeps what it measured
+    def save():  # after every point: an interrupted run keeps what it measured; returns why there is no plot
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=1))
             out.with_suffix(".md").write_text(markdown(report))
-            plot(report["results"], out.with_suffix(".png"), f"M1 engine, {_device_name(report)}")
+            no_plot = plot(report["results"], out.with_suffix(".png"), f"M1 engine, {_device_name(report)}")
+            if no_plot:  # the plot of an earlier run to this --out would not match this report
+                out.with_suffix(".png").unlink(missing_ok=True)
+            return no_plot
+        return None
 
     with tqdm(total=len(names) * len(points), desc="bench", unit="point") as bar:
         def progress(row):
@@ -282,10 +288,13 @@ def bench_command(models, batch_sizes, gen_len, length_batch, gen_lens, prompt_l
             bar.update(1)
             bar.write(f"{row['model']:8s} batch {row['batch']:4d} gen {row['gen_len']:6d}: "
                       f"{row['tokens_per_s']:10,.0f} tok/s, {row['ms_per_step']:.2f} ms/step")
+        no_plot = None
         for name in names:
             report["models"].append(bench_model(name, args, progress))
-            save()
+            no_plot = save()
     click.echo(markdown(report))
+    if no_plot:
+        click.echo(f"no plot {out.with_suffix('.png')}: {no_plot}.")
 
 
 

@@ -64,12 +64,16 @@ def test_bench_tiny_writes_a_table(tmp_path):
     assert all(r["roofline_with_flops"] >= r["roofline"] * (1 - 1e-9) > 0 for r in report["results"])
     assert "| m1 | 2 | 8 |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # against batch and against length
+    assert f"- m1: {report['models'][0]['params'] / 1e6:.3f}M params, KV pool" in result.output  # not 0.000B
     # a pool of 6 blocks of 64 tokens for 4 sequences of 3 blocks: preemption, so fewer sequences per step on average,
     # and the traffic is charged for the steps as they ran
     tight = CliRunner().invoke(bench_command, [str(a) for a in [
         "--tiny", "--models", "m1", "--batch-sizes", 4, "--gen-len", 180, "--prompt-len", 8, "--kv-cache-tokens", 384,
         "--warmup", 0, "--repeats", 1, "--out", out]])
     assert tight.exit_code == 0, tight.output
+    assert tight.stdout.endswith(f"no plot {out.with_suffix('.png')}: a line needs two batch sizes (or two --gen-lens) "
+                                 "of one model.\n")
+    assert not out.with_suffix(".png").exists()  # the first run's plot is not left beside this report
     (row,) = json.loads(out.read_text())["results"]
     assert row["preemptions"] > 0 and row["max_running"] > row["mean_running"] > 1
     bad = CliRunner().invoke(bench_command, ["--models", "gpt"])
