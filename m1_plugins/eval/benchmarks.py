@@ -16,13 +16,13 @@ row number.
 import dataclasses
 import difflib
 import json
-import re
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import M1_PROMPT_SUFFIX, parse_tasks
 from .grading import extract_boxed
+from .results import split_name
 
 QUESTION_COLUMNS = ("problem", "question")
 ANSWER_COLUMNS = ("answer", "final_answer")
@@ -44,8 +44,7 @@ class Problem:
 def load_benchmark(spec: str) -> list[Problem]:
     """The problems of one benchmark SPEC (module docstring). Raises ValueError on an unknown layout,
     an empty question or answer, or duplicate ids."""
-    named = re.fullmatch(r"([\w.-]+)=(.+)", spec)
-    name, source = named.groups() if named else (None, spec)
+    name, source = split_name(spec)
     if source.startswith(REASONING_GYM_PREFIX):
         problems = _load_reasoning_gym(name, source[len(REASONING_GYM_PREFIX):])
     else:

@@ -118,8 +118,10 @@ def _settings_line(settings: dict) -> str:
 
 
 @click.command("tts")
-@click.option("--results", "results_dirs", multiple=True, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="An `m1 eval --out` directory (all its models) or one model's OUT/LABEL; repeat to compare runs.")
+@click.option("--results", "results_specs", multiple=True, required=True, metavar="[NAME=]DIR",
+              help="An `m1 eval --out` directory (all its models) or one model's OUT/LABEL; repeat to compare runs. "
+                   "Models are named by their directories, or NAME (NAME/LABEL for each model of a run of several): "
+                   "`--results t07=runs/eval_a --results t10=runs/eval_b` compares two runs of one model.")
 @click.option("--throughput", "throughputs", multiple=True, type=click.FloatRange(min=0, min_open=True),
               help="Tokens/s per model, in the order of the models of --results (one per model). Default: the "
                    "tokens/s measured during each model's eval.")
@@ -128,20 +130,25 @@ def _settings_line(settings: dict) -> str:
 @click.option("--repeats", type=click.IntRange(min=1), default=100, show_default=True, help="Random draws per maj@k.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the plots and tables.")
-def tts_command(results_dirs, throughputs, lengths, repeats, seed, out):
+def tts_command(results_specs, throughputs, lengths, repeats, seed, out):
     """Test-time scaling: accuracy vs number of samples (pass@k, maj@k), vs wall-clock budget (k samples cost
     k * mean length / throughput seconds; the M1 paper's Figures 3-4) and vs maximum generation length.
 
     Writes OUT/accuracy_vs_{samples,budget,length}.{png,svg,csv,md}."""
+    from .results import split_name
     from .tts import budget_curve, default_lengths, length_curve, load_results, samples_curve, write_curve
 
+    results = []
     try:
-        results = [r for path in results_dirs for r in load_results(path)]
+        for spec in results_specs:
+            name, path = split_name(spec)
+            results += load_results(Path(path), name)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--results")
     labels = [r.label for r in results]
     if len(set(labels)) != len(labels):
-        raise click.BadParameter(f"models with the same name {labels}; rename a model directory.", param_hint="--results")
+        raise click.BadParameter(f"models with the same name {labels}; name the runs: --results NAME=DIR.",
+                                 param_hint="--results")
     if throughputs and len(throughputs) != len(results):
         raise click.BadParameter(f"got {len(throughputs)} throughputs for {len(results)} models ({', '.join(labels)}); "
                                  "give one per model or none.", param_hint="--throughput")

@@ -13,12 +13,20 @@ see grading.box_token_spans; used to re-grade responses truncated to fewer token
 """
 
 import json
+import re
 from pathlib import Path
 
 from .metrics import group_by_problem
 
 SAMPLE_FIELDS = ("benchmark", "problem_id", "sample", "gold", "response", "answer", "correct", "tokens", "finished", "boxes")
 SETTINGS_FILE, SAMPLES_FILE, TIMING_FILE, SUMMARY_FILE = "settings.json", "samples.jsonl", "timing.json", "summary.json"
+
+
+def split_name(spec: str) -> tuple[str | None, str]:
+    """A `[NAME=]VALUE` argument (--benchmark NAME=SOURCE, --results NAME=DIR) as (NAME or None, VALUE); an
+    existing path is never split, whatever its name."""
+    named = re.fullmatch(r"([\w.-]+)=(.+)", spec)
+    return named.groups() if named and not Path(spec).exists() else (None, spec)
 
 
 def model_labels(model_dirs: list[str]) -> list[str]:

@@ -41,8 +41,10 @@ class ModelResults:
         return sum(r["tokens"] for r in self.records) / seconds
 
 
-def load_results(path: Path) -> list[ModelResults]:
-    """The models under an `m1 eval --out` directory, or the one model of a directory OUT/LABEL."""
+def load_results(path: Path, name: str | None = None) -> list[ModelResults]:
+    """The models under an `m1 eval --out` directory, or the one model of a directory OUT/LABEL. They are labelled
+    by their directory names, or by `name`: NAME for the model of a one-model run, NAME/LABEL for each of several
+    (two runs of one model directory need it)."""
     path = Path(path)
     if (path / SETTINGS_FILE).is_file():
         run_dir, labels = path, model_labels(json.loads((path / SETTINGS_FILE).read_text())["models"])
@@ -56,7 +58,8 @@ def load_results(path: Path) -> list[ModelResults]:
         records = read_records(run_dir / label, settings["n"])
         if not records:
             raise ValueError(f"{run_dir / label} has no complete problems yet; run `m1 eval` first.")
-        results.append(ModelResults(label, settings, records, read_timing(run_dir / label)))
+        shown = label if name is None else name if len(labels) == 1 else f"{name}/{label}"
+        results.append(ModelResults(shown, settings, records, read_timing(run_dir / label)))
     return results
 
 

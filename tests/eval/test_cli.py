@@ -89,6 +89,26 @@ def test_eval_then_tts_end_to_end(tiny_model_dir, smollm2_tokenizer, tmp_path):
     wrong = run(tts_command, ["--results", out, "--throughput", 100, "--throughput", 50, "--out", tts])
     assert wrong.exit_code != 0 and "got 2 throughputs for 1 models (tiny)" in wrong.output
 
+    # two runs of one model directory: told apart by NAME=DIR (a whole run, or one model's directory)
+    same = run(tts_command, ["--results", out, "--results", out / "tiny", "--out", tts])
+    assert same.exit_code == 2 and same.output.strip().endswith(
+        "models with the same name ['tiny', 'tiny']; name the runs: --results NAME=DIR.")
+    labelled = run(tts_command, ["--results", f"a={out}", "--results", f"b={out / 'tiny'}", "--out", tts])
+    assert labelled.exit_code == 0, labelled.output
+    assert {r["model"] for r in csv.DictReader(open(tts / "accuracy_vs_samples.csv"))} == {"a", "b"}
+
+
+def test_a_name_labels_the_models_of_a_run(tmp_path):
+    from m1_plugins.eval.tts import load_results
+
+    (tmp_path / "settings.json").write_text(json.dumps({"models": ["/m/teacher", "/m/hybrid"], "n": 1}))
+    for model in ("teacher", "hybrid"):
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "samples.jsonl").write_text(json.dumps({"benchmark": "b", "problem_id": "0", "sample": 0}))
+    assert [r.label for r in load_results(tmp_path)] == ["teacher", "hybrid"]
+    assert [r.label for r in load_results(tmp_path, "t07")] == ["t07/teacher", "t07/hybrid"]
+    assert [r.label for r in load_results(tmp_path / "hybrid", "t07")] == ["t07"]
+
 
 def test_chat_prompt_uses_the_template_and_the_m1_suffix(smollm2_tokenizer):
     from m1_plugins.data import M1_PROMPT_SUFFIX
