@@ -170,6 +170,15 @@ def test_a_truncated_safetensors_is_named(tiny_m1_dir):
     assert "no valid header" in one_line_error(m1("generate", "--model", tiny_m1_dir, "--prompt", "word"))
 
 
+def test_plain_transformers_loads_a_checkpoint_once_m1_plugins_is_imported(tiny_m1_dir):
+    """What docs/bad_input.md says: transformers alone does not know m1_hybrid; `import m1_plugins` registers it."""
+    load = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(tiny_m1_dir)!r})"
+    alone = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
+    assert alone.returncode != 0 and "model type `m1_hybrid` but Transformers does not recognize" in alone.stderr
+    imported = subprocess.run([sys.executable, "-c", f"import m1_plugins; {load}"], capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
+
+
 # --- nothing left behind --------------------------------------------------------------------------------------------
 
 def test_stale_temp_dirs_of_dead_runs_are_removed(tmp_path):
