@@ -73,6 +73,7 @@ class M1TeacherTrainer(AxolotlTrainer):
 
 class M1AlignTrainer(M1TeacherTrainer):
     loss_is_scaled_for_ga = False  # a per-micro-batch mean: the trainer averages it over the accumulated batch
+    reports_token_perplexity = False  # Axolotl logs exp(loss) as `ppl`: exp of a mixer's output error means nothing
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -112,6 +113,12 @@ class M1DistillTrainer(M1TeacherTrainer):
         LOG.info("m1 distillation: teacher %s (%s), %s KL x %.3g + CE x %.3g, T=%.3g, loss chunks of %d tokens",
                  a.m1_teacher, self.teacher.dtype, a.m1_kl_direction, a.m1_kl_weight, a.m1_ce_weight,
                  a.m1_kl_temperature, a.m1_loss_chunk_size)
+
+    @property
+    def reports_token_perplexity(self) -> bool:
+        """Whether Axolotl logs exp(loss) as `ppl`: only when the loss is the plain cross-entropy; exp of a KL
+        (or of KL + CE) is no perplexity."""
+        return self.args.m1_kl_weight == 0 and self.args.m1_ce_weight == 1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         a = self.args

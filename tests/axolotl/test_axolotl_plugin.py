@@ -91,10 +91,15 @@ def axolotl_train(root, name, **overrides):
     return proc, root / name
 
 
-def logged_losses(output_dir):
+def training_logs(output_dir):
+    """The logged training steps of the last checkpoint (loss, learning rate, ppl where logged...)."""
     states = sorted(output_dir.glob("checkpoint-*/trainer_state.json"))
     assert states, f"no checkpoint written in {output_dir}"
-    return [entry["loss"] for entry in json.loads(states[-1].read_text())["log_history"] if "loss" in entry]
+    return [entry for entry in json.loads(states[-1].read_text())["log_history"] if "loss" in entry]
+
+
+def logged_losses(output_dir):
+    return [entry["loss"] for entry in training_logs(output_dir)]
 
 
 def test_axolotl_distillation_and_sft_runs(tiny_pair):
@@ -104,6 +109,7 @@ def test_axolotl_distillation_and_sft_runs(tiny_pair):
     assert "m1 distillation: teacher" in log
     losses = logged_losses(out)
     assert len(losses) == 3 and all(0 < loss < 50 for loss in losses)  # KL of a random pair: positive, finite
+    assert not any("ppl" in entry for entry in training_logs(out))  # exp(KL) is no perplexity
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == "m1_hybrid"
 
@@ -112,6 +118,7 @@ def test_axolotl_distillation_and_sft_runs(tiny_pair):
     assert proc.returncode == 0, log[-4000:]
     assert "m1 distillation: teacher" not in log and "no teacher is loaded" in log
     assert len(logged_losses(out)) == 3
+    assert all("ppl" in entry for entry in training_logs(out))  # Axolotl's own trainer: exp(CE) is the perplexity
 
 
 def test_axolotl_refuses_bad_m1_keys(tiny_pair):
@@ -180,6 +187,7 @@ def test_axolotl_alignment_trains_only_the_mixers_and_logs_fidelity(tiny_pair):
     assert "m1 alignment: teacher" in log and "gated-norm scales fitted" in log
     losses = logged_losses(out)
     assert len(losses) == 4 and losses[-1] < losses[0] < 10
+    assert not any("ppl" in entry for entry in training_logs(out))
     before, after = load_file(tiny_pair / "hybrid" / "model.safetensors"), load_file(out / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".mamba." in k for k in changed), sorted(changed)
